@@ -1,0 +1,66 @@
+"""The `litattn` command line: one subcommand per entry point (jsonargparse).
+
+Every subcommand takes `--config FILE`, `--print_config` and dotted overrides
+(`--model.attention.name ssa`). Entry points are imported lazily so `litattn --help` is quick.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+def attention_list() -> None:
+    """List the registered attention mechanisms with a one-line description each."""
+    from litattn.attention import available_attention, describe, get_attention
+
+    width = max(len(n) for n in available_attention())
+    for name in available_attention():
+        print(f"{name:<{width}}  {describe(get_attention(name))}")
+
+
+def model_list() -> None:
+    """List the model presets with their size and context length."""
+    import torch
+
+    from litattn.config import PRESETS, Config
+    from litattn.model import GPT
+
+    print(f"{'preset':<16} {'params':>10} {'layers':>6} {'n_embd':>6} {'heads':>5} {'kv':>3} {'context':>7}")
+    for name in PRESETS:
+        config = Config.from_name(name)
+        with torch.device("meta"):
+            n = GPT(config).num_parameters()
+        print(
+            f"{name:<16} {_human(n):>10} {config.n_layer:>6} {config.n_embd:>6} {config.n_head:>5} "
+            f"{config.n_query_groups:>3} {config.block_size:>7}"
+        )
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def commands() -> dict[str, Callable | dict[str, Callable]]:
+    return {
+        "attention": {"list": attention_list},
+        "model": {"list": model_list},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import CLI
+
+    try:
+        CLI(commands(), args=argv, as_positional=False)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Bad input: one line that names the problem, non-zero exit, no traceback.
+        print(f"litattn: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

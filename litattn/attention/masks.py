@@ -1,0 +1,72 @@
+"""Attention masks as `mask_mod(b, h, q_idx, kv_idx) -> bool` functions (True = may attend).
+
+This is FlexAttention's convention, so one mask definition serves both kernels: flex builds a
+sparse BlockMask from it, the SDPA path materializes it one query chunk at a time
+(`materialize`), so no mask ever needs a full T x S tensor unless the kernel asks for one.
+
+`q_idx` indexes the queries of the current call and `kv_idx` the keys. Keys sit at their
+absolute positions (the KV cache is indexed by position), queries at `q_pos[q_idx]`.
+Functions use only elementwise tensor ops and indexing, which both vmap (flex) and
+broadcasting (dense) accept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def causal(q_pos: torch.Tensor) -> MaskMod:
+    """Key j is visible to query i iff pos(j) <= pos(i). q_pos: (T,) absolute query positions."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx <= q_pos[q_idx]
+
+    return mask_mod
+
+
+def sliding_window(q_pos: torch.Tensor, window: int) -> MaskMod:
+    """Causal, and at most `window` most recent keys (the query itself included)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qp = q_pos[q_idx]
+        return (kv_idx <= qp) & (qp - kv_idx < window)
+
+    return mask_mod
+
+
+def and_masks(*mods: MaskMod) -> MaskMod:
+    def mask_mod(b, h, q_idx, kv_idx):
+        out = mods[0](b, h, q_idx, kv_idx)
+        for m in mods[1:]:
+            out = out & m(b, h, q_idx, kv_idx)
+        return out
+
+    return mask_mod
+
+
+def or_masks(*mods: MaskMod) -> MaskMod:
+    def mask_mod(b, h, q_idx, kv_idx):
+        out = mods[0](b, h, q_idx, kv_idx)
+        for m in mods[1:]:
+            out = out | m(b, h, q_idx, kv_idx)
+        return out
+
+    return mask_mod
+
+
+def materialize(mask_mod: MaskMod, batch: int, q_idx: torch.Tensor, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Dense boolean mask for the queries `q_idx` (a chunk) against all `kv_len` keys.
+
+    Returns (B', 1, len(q_idx), kv_len) where B' is 1 if the mask does not depend on the batch
+    row. Heads are assumed to share the mask (h is passed as 0).
+    """
+    b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    q = q_idx.to(device).view(1, 1, -1, 1)
+    kv = torch.arange(kv_len, device=device).view(1, 1, 1, kv_len)
+    mask = mask_mod(b, h, q, kv)
+    return mask.expand(mask.shape[0], 1, q.shape[2], kv_len)

@@ -1,0 +1,41 @@
+"""Independent oracles for the tests: plain, slow, obviously-correct implementations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def naive_attention(q, k, v, mask=None, scale=None):
+    """softmax(q k^T * scale, masked) v in float64. q (B, nh, T, hs); k, v (B, ng, S, hs); mask bool (.., T, S)."""
+    nh, ng = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(nh // ng, dim=1).double()
+    v = v.repeat_interleave(nh // ng, dim=1).double()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).to(q.dtype)
+
+
+def causal_mask(q_pos, kv_len, window=None):
+    """Loop-built boolean mask (T, S): key j visible to query at position p iff j <= p (and p - j < window)."""
+    mask = torch.zeros(len(q_pos), kv_len, dtype=torch.bool)
+    for i, p in enumerate(q_pos.tolist()):
+        for j in range(kv_len):
+            mask[i, j] = j <= p and (window is None or p - j < window)
+    return mask
+
+
+def naive_rope(x, positions, n_elem, base):
+    """Rotate-half RoPE computed pair by pair with explicit angles (float64)."""
+    out = x.double().clone()
+    half = n_elem // 2
+    for t, p in enumerate(positions.tolist()):
+        for i in range(half):
+            theta = p / base ** (2 * i / n_elem)
+            a, b = x[..., t, i].double(), x[..., t, i + half].double()
+            out[..., t, i] = a * math.cos(theta) - b * math.sin(theta)
+            out[..., t, i + half] = b * math.cos(theta) + a * math.sin(theta)
+    return out.to(x.dtype)
