@@ -45,15 +45,21 @@ def _human(n: int) -> str:
 
 
 def commands() -> dict[str, Callable | dict[str, Callable]]:
+    from litattn.generate import main as generate
+    from litattn.pretrain.pretrain import setup as pretrain
+
     return {
+        "pretrain": pretrain,
+        "generate": generate,
         "attention": {"list": attention_list},
         "model": {"list": model_list},
     }
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import CLI
+    from jsonargparse import CLI, set_parsing_settings
 
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings -> --help
     try:
         CLI(commands(), args=argv, as_positional=False)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

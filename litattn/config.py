@@ -249,3 +249,37 @@ PRESETS: dict[str, dict[str, Any]] = {
         bias=True,
     ),
 }
+
+
+def resolve_model_config(
+    model_name: str, overrides: dict[str, Any] | None = None, base: Config | None = None
+) -> Config:
+    """The config an entry point runs: `base` (e.g. a checkpoint's) or the preset, plus overrides.
+
+    Overrides may use dotted keys (`attention.name`, as a command line gives them). An attention
+    override that names a different mechanism replaces the spec (the old mechanism's options
+    do not carry over); one without a name, or with the same name, updates the options.
+    """
+    if base is None and model_name not in PRESETS:
+        Config.from_name(model_name)  # raises the unknown-preset error
+    values = base.to_dict() if base is not None else {**PRESETS[model_name], "name": model_name}
+    overrides = _expand_dotted(overrides or {})
+    attention = overrides.pop("attention", None)
+    if attention is not None:
+        if isinstance(attention, str):
+            attention = {"name": attention}
+        current = values.get("attention") or {"name": "causal"}
+        same = attention.get("name", current.get("name")) == current.get("name")
+        values["attention"] = {**current, **attention} if same else dict(attention)
+    return Config.from_dict({**values, **overrides})
+
+
+def _expand_dotted(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _expand_dotted(value) if isinstance(value, dict) else value
+    return out

@@ -257,10 +257,13 @@ class RoPE(nn.Module):
         inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, n_elem, 2, dtype=torch.float32) / n_elem))
         if config.rope_adjustments:
             inv_freq = llama3_adjusted_frequencies(inv_freq, **config.rope_adjustments)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
+        self.inv_freq = inv_freq
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(positions.device)  # (..., T, n_elem/2)
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # (..., T, n_elem/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 

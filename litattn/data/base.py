@@ -1,0 +1,88 @@
+"""What the pretraining loop sees of a corpus: a `DataModule` that prepares token files, `TokenWindows` over them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from litattn.tokenizer import Tokenizer
+
+
+class DataModule(ABC):
+    """A corpus for pretraining: `setup` tokenizes it once (cached), then the datasets read the token files."""
+
+    @abstractmethod
+    def setup(self, tokenizer: Tokenizer | None, vocab_size: int, seq_len: int, cache_dir: Path) -> Tokenizer:
+        """Prepare the token files; with `tokenizer=None` first train (or reuse) one of `vocab_size` tokens."""
+
+    @abstractmethod
+    def train_dataset(self) -> TokenWindows: ...
+
+    @abstractmethod
+    def val_dataset(self) -> TokenWindows: ...
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One or two lines for the run log: what was read, what was held out, where the cache is."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id: halves the token files for vocabularies below 65536."""
+    return np.dtype(np.uint16) if vocab_size < 2**16 else np.dtype(np.uint32)
+
+
+class TokenWindows(Dataset):
+    """Windows of `seq_len + 1` tokens over a flat token file, advancing by `seq_len`.
+
+    Window i covers tokens [i*seq_len, (i+1)*seq_len] inclusive, so every token is predicted exactly once:
+
+        tokens   t0 t1 t2 t3 t4 t5 t6       (seq_len = 3, n_tokens = 7 -> 2 windows)
+        item 0   input t0 t1 t2  labels t1 t2 t3
+        item 1   input t3 t4 t5  labels t4 t5 t6
+
+    The file is memory-mapped lazily (and reopened after pickling), so DataLoader workers share the page cache
+    instead of receiving a copy of the corpus.
+    """
+
+    def __init__(self, path: Path | str, seq_len: int, dtype: np.dtype | str) -> None:
+        self.path = Path(path)
+        self.seq_len = seq_len
+        self.dtype = np.dtype(dtype)
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.n_tokens = self.path.stat().st_size // self.dtype.itemsize
+        if self.n_tokens < seq_len + 1:
+            raise ValueError(
+                f"{self.path} holds {self.n_tokens} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}; "
+                f"use more data or a shorter seq_len"
+            )
+        self._data: np.memmap | None = None
+
+    @property
+    def data(self) -> np.memmap:
+        if self._data is None:
+            self._data = np.memmap(self.path, dtype=self.dtype, mode="r")
+        return self._data
+
+    def __len__(self) -> int:
+        return (self.n_tokens - 1) // self.seq_len
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"window {i} out of range for {n} windows")
+        start = i * self.seq_len
+        window = torch.from_numpy(self.data[start : start + self.seq_len + 1].astype(np.int64))  # (seq_len + 1,)
+        return {"input_ids": window[:-1], "labels": window[1:]}  # (seq_len,), (seq_len,)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}
+
+    def __repr__(self) -> str:
+        return f"TokenWindows({str(self.path)!r}, seq_len={self.seq_len}, n_tokens={self.n_tokens}, len={len(self)})"

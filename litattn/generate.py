@@ -1,0 +1,210 @@
+"""Autoregressive sampling with the KV cache, and the `litattn generate` entry point.
+
+Two phases:
+
+    prefill: one forward over the whole prompt fills every layer's cache
+    decode:  one token at a time at input_pos = its position; sample from the last logits
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from litattn.model import GPT
+
+
+def sample(
+    logits: Tensor,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One token id (a 1-element tensor) from logits (vocab,).
+
+    temperature 0 is greedy. top_k keeps the k most likely tokens; top_p keeps the smallest set of
+    most likely tokens whose probability reaches top_p (nucleus sampling). Both apply after temperature.
+    """
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach top_p (the most likely one always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(torch.empty_like(drop).scatter_(0, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    stream: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Continue prompt (T,) by up to max_new_tokens; returns prompt + new tokens, 1-D.
+
+    Stops after eos_id (which is included in the output and streamed). Only ids below
+    config.vocab_size are sampled: the padded embedding rows are no tokens. stream(id) is called
+    for each new token as soon as it is chosen. The KV cache is cleared afterwards.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    prompt = prompt.flatten()
+    T, context = prompt.numel(), model.max_seq_length
+    if T == 0:
+        raise ValueError("The prompt is empty: generation needs at least one token to condition on")
+    if T + max_new_tokens > context:
+        raise ValueError(
+            f"prompt has {T} tokens + {max_new_tokens} new exceeds the model's context of {context}; "
+            "shorten the prompt or lower max_new_tokens"
+        )
+    device = model.lm_head.weight.device
+    prompt = prompt.to(device=device, dtype=torch.long)
+    vocab_size = model.config.vocab_size
+    tokens = [prompt]
+    model.set_kv_cache(1, max_seq_length=T + max_new_tokens)
+    try:
+        logits = model(prompt.view(1, -1), input_pos=torch.arange(T, device=device))[0, -1]
+        for i in range(max_new_tokens):
+            next_id = sample(logits[:vocab_size], temperature, top_k, top_p, generator)
+            tokens.append(next_id)
+            token = int(next_id)
+            if stream is not None:
+                stream(token)
+            if token == eos_id or i + 1 == max_new_tokens:
+                break
+            logits = model(next_id.view(1, 1), input_pos=torch.tensor([T + i], device=device))[0, -1]
+    finally:
+        model.clear_kv_cache()
+    return torch.cat(tokens)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces that are safe to print.
+
+    Decoding ids one at a time breaks multi-byte characters (a byte-level BPE token may hold half
+    of one) and loses sentencepiece's leading spaces. So each step decodes a short window with a
+    few tokens of left context, prints what the new tokens added, and holds text back while it
+    ends in an incomplete character (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Any, context_ids: list[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(context_ids)
+        self.prefix_offset = max(len(self.ids) - 4, 0)  # context decoded but not printed
+        self.read_offset = len(self.ids)  # ids before this are printed
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if len(text) <= len(prefix) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(prefix) :]
+
+
+def main(
+    checkpoint_dir: Path,
+    prompt: str = "def ",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    seed: int = 1234,
+    attention: dict | None = None,
+) -> str:
+    """Generate text from a checkpoint, printing it as it is produced.
+
+    Args:
+        checkpoint_dir: A checkpoint directory (model.safetensors, model_config.yaml, tokenizer).
+        prompt: Text to continue.
+        max_new_tokens: Most tokens to generate (fewer if the end-of-sequence token comes first).
+        temperature: Softmax temperature; 0 picks the most likely token (greedy).
+        top_k: Sample among the k most likely tokens only (None: all).
+        top_p: Sample among the most likely tokens whose probability sums to top_p (None: all).
+        seed: Seed of the sampling generator, for reproducible output.
+        attention: Run with another attention spec than the checkpoint's, e.g. `{name: self_extend}`;
+            keys without a `name` update the saved spec's options.
+
+    Returns:
+        The generated text (without the prompt).
+    """
+    from litattn.checkpoint import load
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    overrides = {"attention": attention} if attention else {}
+    model, tokenizer, _ = load(checkpoint_dir, device=device, **overrides)
+    if tokenizer is None:
+        raise FileNotFoundError(
+            f"{checkpoint_dir} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer of the "
+            "run that trained it into the directory"
+        )
+    model.eval()
+    ids = tokenizer.encode(prompt, bos=getattr(tokenizer, "use_bos", False))  # as the checkpoint's tokenizer does
+    generator = torch.Generator(device=device).manual_seed(seed)
+    decoder = IncrementalDecoder(tokenizer, ids)
+    pieces: list[str] = []
+
+    def stream(token: int) -> None:
+        if token == tokenizer.eos_id:
+            return
+        piece = decoder.push(token)
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    sys.stdout.write(prompt)
+    start = time.perf_counter()
+    out = generate(
+        model,
+        torch.tensor(ids, dtype=torch.long),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=tokenizer.eos_id,
+        generator=generator,
+        stream=stream,
+    )
+    elapsed = time.perf_counter() - start
+    pieces.append(decoder.flush())
+    sys.stdout.write(pieces[-1] + "\n")
+    sys.stdout.flush()
+    n = len(out) - len(ids)
+    print(f"Generated {n} tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tokens/s", file=sys.stderr)
+    return "".join(pieces)

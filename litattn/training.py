@@ -1,0 +1,145 @@
+"""Pieces every training loop shares: optimizer groups, LR schedule, data order, stop signals,
+validation and the throughput summary."""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from litattn.args import OptimizerArgs
+
+
+# ---------------------------------------------------------------------------------- optimizer
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay weight matrices only; norms, biases and embeddings are not decayed."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(groups: list[dict], args: OptimizerArgs, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; the fused implementation where this PyTorch has one for the device (CPU and CUDA)."""
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)  # a group's lr = schedule(step) * lr_scale (e.g. new attention params)
+    kwargs = dict(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"), **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def lr_at(step: int, args: OptimizerArgs, warmup_steps: int, total_steps: int | None) -> float:
+    """Linear warmup to args.lr, then cosine decay to args.min_lr at total_steps (constant if unknown)."""
+    if step < warmup_steps:
+        return args.lr * (step + 1) / warmup_steps
+    if not total_steps or total_steps <= warmup_steps:
+        return args.lr
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+# ---------------------------------------------------------------------------------- data order
+def epoch_order(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of training windows for one epoch: a pure function of (seed, epoch), so a
+    resumed run, or a run on more devices, sees exactly the same windows at the same step."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_windows, generator=generator)
+
+
+def collate(dataset, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    items = [dataset[int(i)] for i in indices]
+    return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+
+# ---------------------------------------------------------------------------------- stopping
+class StopSignal:
+    """SIGINT/SIGTERM set a flag that the loop checks after each optimizer step, so it can save
+    and exit cleanly; a second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some launchers): keep default handling
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            sys.exit(128 + signum)
+        self.received = signal.Signals(signum).name
+        print(
+            f"\n{self.received} received: saving a checkpoint after this step (send again to quit now)", file=sys.stderr
+        )
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------- metrics
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (parameters used in matmuls) + 12 x L x d x T for attention
+    scores (the PaLM / nanoGPT convention; causal masking is not discounted)."""
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    config = model.config
+    return 6 * matmul_params + 12 * config.n_layer * config.n_head * config.head_size * seq_len
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
+    """Achievable matmul FLOP/s on this device and dtype: the denominator of MFU."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or n < 2:
+        a @ b
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+@dataclass
+class Throughput:
+    """Elapsed time and tokens since the start of training (not since the epoch of 1970)."""
+
+    start: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    steps: int = 0
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / max(self.elapsed, 1e-9)

@@ -1,0 +1,1 @@
+"""Pretraining entry point (installed as `litattn.pretrain`; run as `litattn pretrain`)."""

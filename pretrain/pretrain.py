@@ -1,0 +1,466 @@
+"""`litattn pretrain`: train a GPT from scratch (or from initial weights) with Lightning Fabric.
+
+    litattn pretrain --config config_hub/pretrain/quickstart.yaml [--train.max_steps 100 ...]
+
+One optimizer step = `global_batch_size` windows of the epoch's permutation (a pure function of
+seed and epoch), split over devices and gradient-accumulation micro-steps. A checkpoint stores
+(step, epoch, step within epoch), so a resumed run continues with exactly the windows the
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs
+from litattn.config import Config
+from litattn.data import DataModule, StdlibCorpus
+from litattn.training import (
+    StopSignal,
+    Throughput,
+    collate,
+    epoch_order,
+    flops_per_token,
+    lr_at,
+    make_optimizer,
+    measure_matmul_peak,
+    parameter_groups,
+    peak_memory_bytes,
+    set_lr,
+)
+
+
+def setup(
+    model_name: str = "quickstart",
+    model: dict[str, Any] | None = None,
+    out_dir: Path = Path("out/pretrain"),
+    data: DataModule | None = None,
+    tokenizer_dir: Path | None = None,
+    initial_checkpoint_dir: Path | None = None,
+    resume: bool | Literal["auto"] | Path = False,
+    train: TrainArgs = TrainArgs(),
+    eval: EvalArgs = EvalArgs(),
+    optimizer: OptimizerArgs = OptimizerArgs(),
+    log: LogArgs = LogArgs(),
+    precision: str = "32-true",
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    compile: bool = False,
+    seed: int = 42,
+    cache_dir: Path = Path("cache"),
+) -> None:
+    """Pretrain a GPT model.
+
+    Args:
+        model_name: Model preset (see `litattn model list`).
+        model: Overrides of the preset's config keys, e.g. `{n_layer: 2, attention: {name: causal}}`.
+        out_dir: Directory for checkpoints (`step-XXXXXXXX/`, `final/`) and logs.
+        data: Data module; default: the Python standard library's source (StdlibCorpus).
+        tokenizer_dir: Directory with tokenizer.json or tokenizer.model; default: train a BPE on the data.
+        initial_checkpoint_dir: Start from these weights (no optimizer state).
+        resume: Continue a run: `auto` (the newest checkpoint in out_dir, if any) or a checkpoint path.
+        train: Batch sizes, stopping limits and checkpointing.
+        eval: Validation schedule.
+        optimizer: AdamW and LR schedule.
+        log: Logging, progress and the final generated sample.
+        precision: 32-true, bf16-mixed, bf16-true (16-mixed on CUDA).
+        accelerator: cpu, cuda, or auto.
+        devices: Devices per node (or "auto").
+        num_nodes: Number of nodes.
+        strategy: auto, ddp or fsdp.
+        compile: torch.compile each transformer block.
+        seed: Seed for initialisation and data order.
+        cache_dir: Where the trained tokenizer and tokenized data are cached.
+    """
+    hyperparameters = _hyperparameters(dict(locals()))
+    from lightning_fabric import Fabric
+
+    from litattn.config import resolve_model_config
+
+    data = StdlibCorpus() if data is None else data
+    config = resolve_model_config(model_name, model)
+    fabric = Fabric(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision,
+        loggers=[_make_logger(log, out_dir)],
+    )
+    fabric.launch()
+    fabric.seed_everything(seed)
+    code = fit(
+        fabric,
+        config,
+        data,
+        out_dir,
+        tokenizer_dir,
+        initial_checkpoint_dir,
+        resume,
+        train,
+        eval,
+        optimizer,
+        log,
+        compile,
+        seed,
+        cache_dir,
+        hyperparameters,
+    )
+    if code:
+        sys.exit(code)
+
+
+def fit(
+    fabric,
+    config: Config,
+    data: DataModule,
+    out_dir: Path,
+    tokenizer_dir: Path | None,
+    initial_checkpoint_dir: Path | None,
+    resume: bool | str | Path,
+    train: TrainArgs,
+    eval: EvalArgs,
+    optimizer_args: OptimizerArgs,
+    log: LogArgs,
+    compile: bool,
+    seed: int,
+    cache_dir: Path,
+    hyperparameters: dict[str, Any],
+    epoch_start_hooks: list[Callable[[int], None]] = (),
+) -> int:
+    """Run the training loop; returns the process exit code (0 done or stopped cleanly, 1 diverged)."""
+    from litattn import checkpoint as ckpt
+    from litattn.model import GPT
+    from litattn.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    seq_len = train.max_seq_length or config.block_size
+    if seq_len > config.block_size:
+        raise ValueError(f"train.max_seq_length={seq_len} exceeds the model's block_size={config.block_size}")
+
+    # ---- data and tokenizer (rank 0 prepares the cache, the others then read it)
+    with fabric.rank_zero_first():
+        tokenizer = Tokenizer(tokenizer_dir) if tokenizer_dir else None
+        tokenizer = data.setup(tokenizer, config.vocab_size, seq_len, Path(cache_dir))
+    tokenizer.check_fits(config.padded_vocab_size)
+    train_data, val_data = data.train_dataset(), data.val_dataset()
+    fabric.print(data.describe())
+
+    world = fabric.world_size
+    micro, global_batch = train.micro_batch_size, train.global_batch_size
+    if global_batch % (micro * world):
+        raise ValueError(
+            f"global_batch_size={global_batch} must be a multiple of micro_batch_size x devices = {micro} x {world}"
+        )
+    accum = global_batch // (micro * world)
+    steps_per_epoch = len(train_data) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"The training data has {len(train_data)} windows of {seq_len} tokens, fewer than one global batch "
+            f"({global_batch}); lower train.global_batch_size or train.max_seq_length, or add data"
+        )
+    tokens_per_step = global_batch * seq_len
+    total_steps = _total_steps(train, steps_per_epoch, tokens_per_step)
+
+    # ---- model and optimizer
+    with fabric.init_module(empty_init=initial_checkpoint_dir is not None or bool(resume)):
+        model = GPT(config)
+    if initial_checkpoint_dir is not None:
+        model.load_state_dict(ckpt.load_state_dict(Path(initial_checkpoint_dir) / "model.safetensors"), strict=False)
+    if compile:
+        for block in model.transformer.h:
+            block.compile()
+    fabric.print(
+        f"Model: {config.name or 'custom'} ({model.num_parameters():,} parameters), attention {config.attention}"
+    )
+    optimizer = make_optimizer(parameter_groups(model, optimizer_args.weight_decay), optimizer_args, fabric.device)
+    model = fabric.setup(model)
+    model.mark_forward_method("loss")
+    optimizer = fabric.setup_optimizers(optimizer)
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0}
+
+    resume_dir = _resume_dir(resume, out_dir)
+    if resume_dir is not None:
+        _load_resumable(fabric, resume_dir, model, optimizer, state)
+        fabric.print(f"Resumed from {resume_dir} at step {state['step']} (epoch {state['epoch']})")
+
+    def save(directory: Path) -> None:
+        if fabric.global_rank == 0:
+            ckpt.save_checkpoint(
+                directory,
+                _unwrap(model).state_dict(),
+                config,
+                tokenizer,
+                hyperparameters,
+                training_state=_training_state(optimizer, state, seed),
+            )
+        fabric.barrier()
+
+    def validate(max_iters: int | None) -> float:
+        return validation_loss(fabric, model, val_data, micro, max_iters)
+
+    # ---- the loop
+    fabric.print(
+        f"Training {train.limits()} ({total_steps or '?'} steps of {tokens_per_step:,} tokens; "
+        f"{steps_per_epoch} steps per epoch; micro batch {micro} x {accum} accumulation x {world} devices)"
+    )
+    if eval.initial_validation:
+        fabric.print(f"step {state['step']}: val loss {validate(eval.max_iters):.4f}")
+    throughput = Throughput()
+    first_step_logged = False
+    progress = _progress(fabric, log, total_steps, state["step"])
+    val_loss = float("nan")
+    exit_code = 0
+    with StopSignal() as stop:
+        while not _done(state, train, total_steps, throughput):
+            if state["epoch_step"] == 0:
+                for hook in epoch_start_hooks:
+                    hook(state["epoch"])
+            order = epoch_order(len(train_data), seed, state["epoch"])
+            start = state["epoch_step"] * global_batch
+            batch_indices = order[start : start + global_batch].view(accum * world, micro)
+            lr = lr_at(state["step"], optimizer_args, train.lr_warmup_steps, total_steps)
+            set_lr(optimizer, lr)
+            loss_sum = torch.zeros((), device=fabric.device)
+            for micro_step in range(accum):
+                batch = collate(train_data, batch_indices[micro_step * world + fabric.global_rank])
+                batch = {k: v.to(fabric.device) for k, v in batch.items()}
+                with fabric.no_backward_sync(model, enabled=micro_step < accum - 1):
+                    loss = model.loss(
+                        batch.pop("input_ids"), batch.pop("labels"), chunk_size=train.loss_chunk_size, **batch
+                    )
+                    fabric.backward(loss / accum)
+                loss_sum += loss.detach()
+            if not torch.isfinite(loss_sum):
+                fabric.print(
+                    f"Loss is {loss_sum.item()} at step {state['step']}: stopping. The last good checkpoint is kept; "
+                    "lower optimizer.lr or raise train.lr_warmup_steps, then --resume auto"
+                )
+                exit_code = 1
+                break
+            if train.max_norm:
+                fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["epoch_step"] += 1
+            state["tokens"] += tokens_per_step
+            throughput.tokens += tokens_per_step
+            if state["epoch_step"] >= steps_per_epoch:
+                state["epoch"] += 1
+                state["epoch_step"] = 0
+            if not first_step_logged:
+                fabric.print(f"First optimizer step done {time.perf_counter() - t0:.1f}s after start")
+                first_step_logged = True
+
+            if state["step"] % train.log_interval == 0 or state["step"] == total_steps:
+                train_loss = fabric.all_reduce(loss_sum / accum, reduce_op="mean").item()
+                metrics = {
+                    "train_loss": train_loss,
+                    "lr": lr,
+                    "tokens": state["tokens"],
+                    "epoch": state["epoch"],
+                    "tokens_per_sec": throughput.tokens_per_sec,
+                }
+                fabric.log_dict(metrics, step=state["step"])
+                progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{throughput.tokens_per_sec:,.0f}", refresh=False)
+            if eval.interval and state["step"] % eval.interval == 0:
+                val_loss = validate(eval.max_iters)
+                fabric.log_dict(
+                    {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "tokens": state["tokens"]}, step=state["step"]
+                )
+                progress.write(f"step {state['step']}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
+            progress.update(1)
+            if train.save_interval and state["step"] % train.save_interval == 0:
+                save(out_dir / ckpt.step_dir_name(state["step"]))
+            if stop.received:
+                save(out_dir / ckpt.step_dir_name(state["step"]))
+                progress.close()
+                fabric.print(f"Stopped by {stop.received}; saved step {state['step']}. Continue with --resume auto")
+                return 0
+    progress.close()
+    if exit_code:
+        return exit_code
+
+    elapsed = throughput.elapsed
+    if eval.final_validation:
+        val_loss = validate(None)
+        fabric.log_dict(
+            {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "tokens": state["tokens"]}, step=state["step"]
+        )
+    save(out_dir / "final")
+    _summary(fabric, _unwrap(model), throughput, elapsed, seq_len, val_loss, out_dir / "final")
+    fabric.logger.finalize("success")
+    if log.sample_prompt is not None and fabric.global_rank == 0:
+        _sample(_unwrap(model), tokenizer, log, seed)
+    return 0
+
+
+@torch.no_grad()
+def validation_loss(fabric, model, val_data, micro_batch_size: int, max_iters: int | None) -> float:
+    """Mean token loss over the first validation windows (all of them if max_iters is None),
+    split over ranks and reduced: the same number `litattn evaluate` reports."""
+    model.eval()
+    n = len(val_data)
+    if max_iters is not None:
+        n = min(n, max_iters * micro_batch_size * fabric.world_size)
+    total = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # (sum of window losses, windows)
+    mine = torch.arange(fabric.global_rank, n, fabric.world_size)
+    for chunk in mine.split(micro_batch_size):
+        batch = {k: v.to(fabric.device) for k, v in collate(val_data, chunk).items()}
+        idx, labels = batch.pop("input_ids"), batch.pop("labels")
+        logits = model(idx, **batch).float()
+        per_window = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        ).mean(dim=1)
+        total += torch.stack([per_window.sum().double(), torch.tensor(len(chunk), dtype=torch.float64)]).to(
+            total.device
+        )
+    total = fabric.all_reduce(total, reduce_op="sum")
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _total_steps(train: TrainArgs, steps_per_epoch: int, tokens_per_step: int) -> int | None:
+    limits = []
+    if train.max_steps is not None:
+        limits.append(train.max_steps)
+    if train.max_tokens is not None:
+        limits.append(max(1, train.max_tokens // tokens_per_step))
+    if train.epochs is not None:
+        limits.append(train.epochs * steps_per_epoch)
+    if not limits and train.max_time is None:
+        limits.append(steps_per_epoch)  # nothing set: one epoch
+    return min(limits) if limits else None
+
+
+def _done(state: dict, train: TrainArgs, total_steps: int | None, throughput: Throughput) -> bool:
+    if total_steps is not None and state["step"] >= total_steps:
+        return True
+    return train.max_time is not None and throughput.elapsed >= train.max_time
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _training_state(optimizer, state: dict, seed: int) -> dict:
+    from litattn import checkpoint as ckpt
+
+    return {**state, "seed": seed, "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state()}
+
+
+def _load_resumable(fabric, directory: Path, model, optimizer, state: dict) -> None:
+    from litattn import checkpoint as ckpt
+
+    _unwrap(model).load_state_dict(ckpt.load_state_dict(directory / "model.safetensors"))
+    saved = ckpt.load_training_state(directory)
+    optimizer.load_state_dict(saved["optimizer"])
+    for key in state:
+        state[key] = saved[key]
+    ckpt.set_rng_state(saved["rng"])
+
+
+def _resume_dir(resume, out_dir: Path) -> Path | None:
+    from litattn import checkpoint as ckpt
+
+    if resume is False or resume is None:
+        return None
+    if resume is True or resume == "auto":
+        found = ckpt.latest_checkpoint(out_dir)
+        if found is None and resume is True:
+            raise FileNotFoundError(f"--resume: no checkpoint found in {out_dir}")
+        return found
+    path = Path(resume)
+    if not (path / "training_state.pt").is_file():
+        raise FileNotFoundError(f"--resume {path}: not a resumable checkpoint (no training_state.pt)")
+    return path
+
+
+def _make_logger(log: LogArgs, out_dir: Path):
+    from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
+
+    if log.logger == "tensorboard":
+        try:
+            return TensorBoardLogger(root_dir=out_dir / "logs", name="tensorboard")
+        except ModuleNotFoundError as e:
+            raise ValueError(f"log.logger=tensorboard needs TensorBoard: pip install tensorboard ({e})") from e
+    return CSVLogger(root_dir=out_dir / "logs", name="csv", flush_logs_every_n_steps=10)
+
+
+def _progress(fabric, log: LogArgs, total: int | None, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not log.progress_bar or fabric.global_rank != 0,
+    )
+
+
+def _summary(
+    fabric, model, throughput: Throughput, elapsed: float, seq_len: int, val_loss: float, final_dir: Path
+) -> None:
+    tokens_per_sec = throughput.tokens / max(elapsed, 1e-9)
+    dtype = torch.bfloat16 if "bf16" in str(fabric.strategy.precision.precision) else torch.float32
+    achieved = flops_per_token(model, seq_len) * tokens_per_sec / fabric.world_size
+    peak = measure_matmul_peak(fabric.device, dtype, seconds=0.3)
+    fabric.print(
+        f"Done: {throughput.tokens:,} tokens in {elapsed:.1f}s = {tokens_per_sec:,.0f} tokens/s; "
+        f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB; "
+        f"MFU {achieved / peak:.1%} of {peak / 1e12:.2f} TFLOP/s measured matmul peak ({dtype}); "
+        + (f"final val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}); " if math.isfinite(val_loss) else "")
+        + f"saved {final_dir}"
+    )
+
+
+def _sample(model, tokenizer, log: LogArgs, seed: int) -> None:
+    from litattn.generate import generate
+
+    prompt = torch.tensor(tokenizer.encode(log.sample_prompt), device=model.lm_head.weight.device)
+    generator = torch.Generator(device=prompt.device).manual_seed(seed)
+    print(f"\n--- sample ({log.sample_tokens} tokens) ---\n{log.sample_prompt}", end="", flush=True)
+    out = generate(
+        model.eval(), prompt, log.sample_tokens, temperature=0.8, top_k=50, eos_id=tokenizer.eos_id, generator=generator
+    )
+    print(tokenizer.decode(out[len(prompt) :].tolist()) + "\n---")
+
+
+def _hyperparameters(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The run's arguments as plain YAML-able data (saved into every checkpoint)."""
+    out = {}
+    for key, value in arguments.items():
+        if hasattr(value, "__dataclass_fields__"):
+            value = (
+                {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": asdict(value)}
+                if key == "data"
+                else asdict(value)
+            )
+        if isinstance(value, Config):
+            value = value.to_dict()
+        out[key] = _plain(value)
+    return out
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
