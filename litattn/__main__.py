@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings -> --help
     try:
-        CLI(commands(), args=argv, as_positional=False)
+        CLI(commands(), args=argv, as_positional=False, allow_abbrev=False, prog="litattn")
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # Bad input: one line that names the problem, non-zero exit, no traceback.
         print(f"litattn: error: {e}", file=sys.stderr)

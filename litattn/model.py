@@ -79,7 +79,17 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, **metadata: Any) -> torch.Tensor:
         """Final-norm hidden states (B, T, n_embd): forward without the output head."""
-        ctx = self._context(idx, input_pos, metadata)
+        return self._hidden_states(self._context(idx, input_pos, metadata), idx)
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor, **metadata: Any) -> list[torch.Tensor]:
+        """Attention probabilities of every layer, [(B, n_head, T, T)] * n_layer, as the mechanism computes them."""
+        ctx = self._context(idx, None, metadata)
+        ctx.attention_maps = []
+        self._hidden_states(ctx, idx)
+        return ctx.attention_maps
+
+    def _hidden_states(self, ctx: AttentionContext, idx: torch.Tensor) -> torch.Tensor:
         x = self.transformer.wte(idx)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(ctx.positions)

@@ -237,9 +237,11 @@ def fit(
                 batch = collate(train_data, batch_indices[micro_step * world + fabric.global_rank])
                 batch = {k: v.to(fabric.device) for k, v in batch.items()}
                 with fabric.no_backward_sync(model, enabled=micro_step < accum - 1):
-                    loss = model.loss(
-                        batch.pop("input_ids"), batch.pop("labels"), chunk_size=train.loss_chunk_size, **batch
-                    )
+                    # fabric.autocast: on one device Fabric does not route marked methods through forward
+                    with fabric.autocast():
+                        loss = model.loss(
+                            batch.pop("input_ids"), batch.pop("labels"), chunk_size=train.loss_chunk_size, **batch
+                        )
                     fabric.backward(loss / accum)
                 loss_sum += loss.detach()
             if not torch.isfinite(loss_sum):
@@ -288,9 +290,11 @@ def fit(
                 save(out_dir / ckpt.step_dir_name(state["step"]))
                 progress.close()
                 fabric.print(f"Stopped by {stop.received}; saved step {state['step']}. Continue with --resume auto")
+                fabric.logger.finalize("interrupted")
                 return 0
     progress.close()
     if exit_code:
+        fabric.logger.finalize("failed")
         return exit_code
 
     elapsed = throughput.elapsed
@@ -397,7 +401,9 @@ def _make_logger(log: LogArgs, out_dir: Path):
             return TensorBoardLogger(root_dir=out_dir / "logs", name="tensorboard")
         except ModuleNotFoundError as e:
             raise ValueError(f"log.logger=tensorboard needs TensorBoard: pip install tensorboard ({e})") from e
-    return CSVLogger(root_dir=out_dir / "logs", name="csv", flush_logs_every_n_steps=10)
+    # Written at every log call: a killed run keeps its metrics. (Lightning flushes when (step + 1) is a
+    # multiple of this, which steps that are multiples of log_interval never are.)
+    return CSVLogger(root_dir=out_dir / "logs", name="csv", flush_logs_every_n_steps=1)
 
 
 def _progress(fabric, log: LogArgs, total: int | None, initial: int):

@@ -112,3 +112,14 @@ def test_init_follows_gpt_neox():
     proj_std = 1 / config.n_embd**0.5 / config.n_layer
     assert abs(model.transformer.h[0].mlp.proj.weight.std().item() - proj_std) < 0.1 * proj_std
     assert torch.all(model.transformer.h[0].attn.qkv.bias == 0)
+
+
+def test_attention_maps_are_causal_distributions_and_do_not_change_the_output():
+    model = GPT(Config.from_name("tiny-llama", sliding_window_size=5)).eval()
+    idx = torch.randint(0, 256, (2, 12))
+    maps = model.attention_maps(idx)
+    assert len(maps) == 2 and maps[0].shape == (2, 4, 12, 12)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 4, 12))
+    i, j = torch.meshgrid(torch.arange(12), torch.arange(12), indexing="ij")
+    assert torch.all(maps[1][..., (j > i) | (i - j >= 5)] == 0)  # causal and windowed
+    assert torch.all(maps[1][..., (j <= i) & (i - j < 5)] > 0)

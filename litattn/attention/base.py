@@ -23,7 +23,7 @@ from torch import nn
 
 from litattn.attention import masks
 from litattn.attention.cache import KVCache
-from litattn.attention.kernels import KERNELS, attend
+from litattn.attention.kernels import KERNELS, attend, attention_probs
 
 if TYPE_CHECKING:
     from litattn.config import Config
@@ -48,6 +48,8 @@ class AttentionContext:
     """Batch attention metadata (segment_ids, prefix_len, ...), passed through from the data."""
     memo: dict[str, Any] = field(default_factory=dict)
     """Objects built once per forward and shared by the layers (e.g. a block mask)."""
+    attention_maps: list[torch.Tensor] | None = None
+    """When a list, each layer appends its attention probabilities (B, n_head, T, S) (for visualization)."""
 
     def memoize(self, key: str, build: Callable[[], Any]) -> Any:
         if key not in self.memo:
@@ -149,9 +151,13 @@ class AttentionMechanism(nn.Module):
     def attend(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
         mask_mod = self.mask_mod(ctx)
         if mask_mod is None:
-            if ctx.causal_aligned:
+            if ctx.causal_aligned and ctx.attention_maps is None:
                 return attend(q, k, v, is_causal=True)
             mask_mod = ctx.memoize("causal", lambda: masks.causal(ctx.positions))
+        if ctx.attention_maps is not None:
+            probs = attention_probs(q, k, mask_mod)
+            ctx.attention_maps.append(probs)
+            return probs.to(v.dtype) @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         return attend(q, k, v, mask_mod=mask_mod, kernel=self.options.kernel)
 
     # ------------------------------------------------------------------ KV cache

@@ -1,0 +1,94 @@
+"""Bad input through the real command line: one line naming the problem, a non-zero exit, no traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from litattn.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def litattn(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, "-m", "litattn", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("text")
+    for i in range(4):
+        (folder / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 200)
+    return folder
+
+
+def debug(tmp_path, text_dir, *extra):
+    return (
+        "pretrain",
+        "--config",
+        "config_hub/pretrain/debug.yaml",
+        "--data",
+        "TextFiles",
+        "--data.train_dirs",
+        f"[{text_dir}]",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--out_dir",
+        str(tmp_path / "out"),
+        *extra,
+    )
+
+
+def test_unknown_attention_name(tmp_path, text_dir):
+    proc = litattn(*debug(tmp_path, text_dir, "--model.attention.name", "flash"))
+    assert_one_line_error(proc, "Unknown attention mechanism 'flash'", "causal")
+
+
+def test_misspelt_cli_key(tmp_path, text_dir):
+    proc = litattn(*debug(tmp_path, text_dir, "--train.max_step", "3"))
+    assert proc.returncode != 0 and "max_step" in proc.stderr
+
+
+def test_missing_data_folder(tmp_path):
+    proc = litattn(*debug(tmp_path, tmp_path / "nowhere"))
+    assert_one_line_error(proc, "nowhere")
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, text_dir):
+    big = tmp_path / "big_tokenizer"
+    Tokenizer.train(sorted(text_dir.glob("*.txt")), vocab_size=700, out_dir=big)
+    proc = litattn(
+        *debug(
+            tmp_path,
+            text_dir,
+            "--tokenizer_dir",
+            str(big),
+            "--model.vocab_size",
+            "100",
+            "--model.padding_multiple",
+            "64",
+        )
+    )
+    assert_one_line_error(proc, "padded vocabulary", "128")
+
+
+def test_generate_from_a_missing_checkpoint(tmp_path):
+    proc = litattn("generate", "--checkpoint_dir", str(tmp_path / "missing"))
+    assert_one_line_error(proc, "missing")
+
+
+def test_resume_from_a_path_that_is_not_a_checkpoint(tmp_path, text_dir):
+    proc = litattn(*debug(tmp_path, text_dir, "--resume", str(tmp_path)))
+    assert_one_line_error(proc, "not a resumable checkpoint")
