@@ -8,6 +8,7 @@ filled in `__post_init__` unless given explicitly.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,22 +257,35 @@ def resolve_model_config(
 ) -> Config:
     """The config an entry point runs: `base` (e.g. a checkpoint's) or the preset, plus overrides.
 
-    Overrides may use dotted keys (`attention.name`, as a command line gives them). An attention
-    override that names a different mechanism replaces the spec (the old mechanism's options
-    do not carry over); one without a name, or with the same name, updates the options.
+    Overrides may use dotted keys (`attention.name`, as a command line gives them) and merge
+    deeply (see `merge_overrides`): `{attention: {kernel: sdpa}}` updates the saved spec, while
+    `{attention: {name: ssa}}` replaces it.
     """
     if base is None and model_name not in PRESETS:
         Config.from_name(model_name)  # raises the unknown-preset error
     values = base.to_dict() if base is not None else {**PRESETS[model_name], "name": model_name}
     overrides = _expand_dotted(overrides or {})
-    attention = overrides.pop("attention", None)
-    if attention is not None:
-        if isinstance(attention, str):
-            attention = {"name": attention}
-        current = values.get("attention") or {"name": "causal"}
-        same = attention.get("name", current.get("name")) == current.get("name")
-        values["attention"] = {**current, **attention} if same else dict(attention)
-    return Config.from_dict({**values, **overrides})
+    if isinstance(overrides.get("attention"), str):
+        overrides["attention"] = {"name": overrides["attention"]}
+    return Config.from_dict(merge_overrides(values, overrides))
+
+
+def merge_overrides(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge, later layers win. A mapping that names a different `name` than the one it
+    overrides (an attention spec switching mechanism) replaces it: the old options do not carry over."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            current = out.get(key)
+            if (
+                isinstance(value, dict)
+                and isinstance(current, dict)
+                and value.get("name", current.get("name")) == current.get("name")
+            ):
+                out[key] = merge_overrides(current, value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
 
 
 def _expand_dotted(values: dict[str, Any]) -> dict[str, Any]:

@@ -131,7 +131,7 @@ class GPT(nn.Module):
                 f"Sequence reaches position {kv_len - 1} but the model handles at most {self.max_seq_length} tokens "
                 f"(block_size {self.config.block_size}, attention {self.config.attention['name']!r})"
             )
-        if self.training and torch.is_grad_enabled() and not self.mechanism_cls.supports_training:
+        if self.training and torch.is_grad_enabled() and not self.mechanism.supports_training:
             raise RuntimeError(f"Attention {self.config.attention['name']!r} is inference-only; it cannot be trained")
         cos = sin = None
         if self.rope is not None:
@@ -143,7 +143,7 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ KV cache
     def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, device=None, dtype=None) -> None:
         """Allocate a KV cache in every layer for incremental decoding with forward(idx, input_pos)."""
-        if not self.mechanism_cls.supports_kv_cache:
+        if not self.mechanism.supports_kv_cache:
             raise RuntimeError(f"Attention {self.config.attention['name']!r} does not support KV-cache decoding")
         max_seq_length = self.max_seq_length if max_seq_length is None else max_seq_length
         if max_seq_length > self.max_seq_length:
@@ -152,12 +152,16 @@ class GPT(nn.Module):
         device = ref.device if device is None else device
         dtype = ref.dtype if dtype is None else dtype
         for block in self.transformer.h:
-            mech = block.attn.mechanism
-            mech.kv_cache = mech.build_kv_cache(batch_size, max_seq_length, device=device, dtype=dtype)
+            block.attn.mechanism.set_kv_cache(batch_size, max_seq_length, device=device, dtype=dtype)
 
     def clear_kv_cache(self) -> None:
         for block in self.transformer.h:
-            block.attn.mechanism.kv_cache = None
+            block.attn.mechanism.clear_kv_cache()
+
+    @property
+    def mechanism(self):
+        """The first layer's attention mechanism (all layers run the same one): what it supports."""
+        return self.transformer.h[0].attn.mechanism
 
     # ------------------------------------------------------------------ summary
     def num_parameters(self, trainable_only: bool = False) -> int:

@@ -304,7 +304,7 @@ def fit(
             {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "tokens": state["tokens"]}, step=state["step"]
         )
     save(out_dir / "final")
-    _summary(fabric, _unwrap(model), throughput, elapsed, seq_len, val_loss, out_dir / "final")
+    _summary(fabric, _unwrap(model), throughput, elapsed, seq_len, val_loss, state, out_dir)
     fabric.logger.finalize("success")
     if log.sample_prompt is not None and fabric.global_rank == 0:
         _sample(_unwrap(model), tokenizer, log, seed)
@@ -419,19 +419,39 @@ def _progress(fabric, log: LogArgs, total: int | None, initial: int):
 
 
 def _summary(
-    fabric, model, throughput: Throughput, elapsed: float, seq_len: int, val_loss: float, final_dir: Path
+    fabric, model, throughput: Throughput, elapsed: float, seq_len: int, val_loss: float, state: dict, out_dir: Path
 ) -> None:
+    """Print the run's figures and write them to out_dir/summary.json (what `litattn ablate` tabulates)."""
+    import json
+
+    from litattn.utils import atomic_write_text
+
     tokens_per_sec = throughput.tokens / max(elapsed, 1e-9)
     dtype = torch.bfloat16 if "bf16" in str(fabric.strategy.precision.precision) else torch.float32
     achieved = flops_per_token(model, seq_len) * tokens_per_sec / fabric.world_size
     peak = measure_matmul_peak(fabric.device, dtype, seconds=0.3)
+    memory = peak_memory_bytes(fabric.device)
     fabric.print(
         f"Done: {throughput.tokens:,} tokens in {elapsed:.1f}s = {tokens_per_sec:,.0f} tokens/s; "
-        f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB; "
+        f"peak memory {memory / 2**30:.2f} GiB; "
         f"MFU {achieved / peak:.1%} of {peak / 1e12:.2f} TFLOP/s measured matmul peak ({dtype}); "
         + (f"final val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}); " if math.isfinite(val_loss) else "")
-        + f"saved {final_dir}"
+        + f"saved {out_dir / 'final'}"
     )
+    summary = {
+        "step": state["step"],
+        "tokens": state["tokens"],
+        "epoch": state["epoch"],
+        "elapsed_s": elapsed,
+        "tokens_per_sec": tokens_per_sec,
+        "peak_memory_bytes": memory,
+        "mfu": achieved / peak,
+        "val_loss": val_loss if math.isfinite(val_loss) else None,
+        "parameters": model.num_parameters(),
+        "mechanism_parameters": model.mechanism_parameters(),
+    }
+    if fabric.global_rank == 0:
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
 
 
 def _sample(model, tokenizer, log: LogArgs, seed: int) -> None:

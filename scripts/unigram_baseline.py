@@ -30,8 +30,10 @@ def main() -> None:
     p = counts / counts.sum()
     entropy = -(p * np.log(p)).sum()
     cross_entropy = -np.log(p[np.asarray(val.data)]).mean()
-    print(f"unigram entropy (train) {entropy:.3f} nats; unigram cross-entropy on validation {cross_entropy:.3f} nats "
-          f"(perplexity {np.exp(cross_entropy):.1f})")
+    print(
+        f"unigram entropy (train) {entropy:.3f} nats; unigram cross-entropy on validation {cross_entropy:.3f} nats "
+        f"(perplexity {np.exp(cross_entropy):.1f})"
+    )
 
 
 if __name__ == "__main__":

@@ -55,3 +55,16 @@ def test_missing_config_file(tmp_path):
 def test_every_preset_builds_a_config():
     for name in PRESETS:
         assert Config.from_name(name).name == name
+
+
+def test_resolve_model_config_merges_attention_overrides():
+    from litattn.config import resolve_model_config
+
+    base = Config.from_name("tiny-llama", attention={"name": "ssa", "beta_init": 1.5, "base": {"name": "causal"}})
+    kept = resolve_model_config("tiny-llama", {"attention.base.kernel": "sdpa"}, base=base)
+    assert kept.attention["beta_init"] == 1.5 and kept.attention["base"] == {"name": "causal", "kernel": "sdpa"}
+    switched = resolve_model_config("tiny-llama", {"attention": {"name": "causal"}}, base=base)
+    assert switched.attention == {"name": "causal", "kernel": "auto"}  # ssa's options do not carry over
+    assert resolve_model_config("tiny-llama", {"n_layer": 3}).n_layer == 3
+    with pytest.raises(ValueError, match="Unknown model preset"):
+        resolve_model_config("gpt-5")

@@ -7,7 +7,7 @@ import pytest
 from litattn.__main__ import main
 
 HUB = Path(__file__).resolve().parents[1] / "config_hub"
-ENTRY_POINT = {"pretrain": "pretrain"}  # config_hub/<folder> -> subcommand
+ENTRY_POINT = {"pretrain": "pretrain", "ablations": "ablate"}  # config_hub/<folder> -> subcommand
 
 
 @pytest.mark.parametrize("path", sorted(p for p in HUB.rglob("*.yaml") if p.parent.name in ENTRY_POINT), ids=str)
@@ -15,7 +15,14 @@ def test_config_hub_yaml_matches_its_entry_point(path, capsys):
     with pytest.raises(SystemExit) as e:
         main([ENTRY_POINT[path.parent.name], "--config", str(path), "--print_config"])
     assert e.value.code == 0
-    assert "train:" in capsys.readouterr().out
+    assert ("variants:" if path.parent.name == "ablations" else "train:") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted((HUB / "ablations").glob("*.yaml")), ids=str)
+def test_every_ablation_variant_is_a_valid_recipe(path, tmp_path, capsys):
+    """The dry run parses each variant's merged recipe against the entry point: a typo fails before any run."""
+    main(["ablate", "--config", str(path), "--out_dir", str(tmp_path), "--dry_run", "true"])
+    assert "new" in capsys.readouterr().out
 
 
 def test_every_config_hub_folder_has_an_entry_point():

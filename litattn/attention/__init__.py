@@ -3,7 +3,10 @@
 Each built-in mechanism lives in its own module, imported here so that it registers.
 """
 
-from litattn.attention import causal  # noqa: E402,F401  (registers "causal")
+from litattn.attention import (
+    causal,  # noqa: E402,F401  (registers "causal")
+    ssa,  # noqa: E402,F401  (registers "ssa")
+)
 from litattn.attention.base import AttentionContext, AttentionMechanism, AttentionOptions  # noqa: E402
 from litattn.attention.registry import (
     available_attention,

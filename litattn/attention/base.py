@@ -88,8 +88,9 @@ class AttentionMechanism(nn.Module):
 
     Options: ClassVar[type] = AttentionOptions
     registered_name: ClassVar[str] = ""
-    supports_training: ClassVar[bool] = True
-    supports_kv_cache: ClassVar[bool] = True
+    # What the mechanism can do; the model asks the instance, so a wrapper may set these from its base.
+    supports_training: bool = True
+    supports_kv_cache: bool = True
     kernels: ClassVar[tuple[str, ...]] = KERNELS
 
     def __init__(self, config: Config, block_idx: int, options: AttentionOptions):
@@ -161,6 +162,12 @@ class AttentionMechanism(nn.Module):
         return attend(q, k, v, mask_mod=mask_mod, kernel=self.options.kernel)
 
     # ------------------------------------------------------------------ KV cache
+    def set_kv_cache(self, batch_size: int, max_seq_length: int, device=None, dtype=None) -> None:
+        self.kv_cache = self.build_kv_cache(batch_size, max_seq_length, device=device, dtype=dtype)
+
+    def clear_kv_cache(self) -> None:
+        self.kv_cache = None
+
     def build_kv_cache(self, batch_size: int, max_seq_length: int, device=None, dtype=None) -> KVCache:
         """The cache this mechanism decodes with; override to store something else."""
         cfg = self.config

@@ -1,0 +1,347 @@
+"""`litattn ablate`: run attention variants x seeds at an equal budget and tabulate the outcome.
+
+    litattn ablate --config config_hub/ablations/smoke.yaml [--dry_run true]
+
+Each run is the base recipe (a config_hub YAML) + the ablation's common overrides + the variant's
+overrides + the budget + the seed, written to `<out_dir>/<variant>/seed-<seed>/run.yaml` and run
+as its own `litattn <entry_point>` process. A given seed means the same initial RNG stream and
+the same data order for every variant, so variants differ only in what they override.
+
+A run is finished when its `summary.json` exists; a rerun skips finished runs and resumes
+interrupted ones from their newest checkpoint, so a killed grid completes where it stopped.
+Results: `results.csv` (one row per run), `results.md` (mean and spread over seeds per variant),
+`loss_curves.png` and `summary.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from litattn.config import merge_overrides
+from litattn.utils import atomic_write_text
+
+
+@dataclass
+class Run:
+    variant: str
+    seed: int
+    directory: Path
+
+    @property
+    def finished(self) -> bool:
+        return (self.directory / "summary.json").is_file()
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}/seed-{self.seed}"
+
+
+def ablate(
+    base: Path,
+    variants: dict[str, dict[str, Any]],
+    seeds: list[int] = (1, 2, 3),
+    budget: dict[str, int] | None = None,
+    overrides: dict[str, Any] | None = None,
+    out_dir: Path = Path("out/ablations/run"),
+    entry_point: str = "pretrain",
+    baseline: str | None = None,
+    parallel: int = 1,
+    dry_run: bool = False,
+) -> Path:
+    """Run every variant x seed of an ablation and write results.csv, results.md and plots.
+
+    Args:
+        base: The recipe every run starts from (a YAML for the entry point, e.g. config_hub/pretrain/debug.yaml).
+        variants: Variant name -> overrides of the recipe, e.g. `{ssa: {model: {attention: {name: ssa}}}}`.
+        seeds: Seeds run for every variant (init and data order).
+        budget: The equal budget: train.* limits such as `{max_steps: 200}` or `{max_tokens: 1000000}`.
+        overrides: Overrides applied to every run before the variant's (e.g. data, eval interval).
+        out_dir: Where runs and results go.
+        entry_point: The litattn subcommand that runs the recipe (pretrain or finetune).
+        baseline: The variant others are compared with (parameters added); default: the first.
+        parallel: Runs at once. On CUDA, run i gets device i % parallel; on CPU keep 1 (runs share the cores).
+        dry_run: Print the planned runs and exit.
+    """
+    base = Path(base)
+    if not base.is_file():
+        raise FileNotFoundError(f"Ablation base recipe {str(base)!r} not found")
+    if not variants:
+        raise ValueError("The ablation has no variants: give `variants: {name: {overrides...}}`")
+    if not seeds:
+        raise ValueError("The ablation has no seeds: give e.g. `seeds: [1, 2, 3]`")
+    baseline = baseline or next(iter(variants))
+    if baseline not in variants:
+        raise ValueError(f"baseline {baseline!r} is not one of the variants {list(variants)}")
+    out_dir = Path(out_dir)
+    recipe = _load_yaml(base)
+    runs = [Run(v, s, out_dir / v / f"seed-{s}") for v in variants for s in seeds]
+
+    configs = {run.name: _run_config(recipe, overrides, variants[run.variant], budget, run) for run in runs}
+    for variant in variants:  # a misspelt key in a variant fails now, not after an hour of other runs
+        _validate(entry_point, configs[f"{variant}/seed-{seeds[0]}"], variant)
+
+    print(f"Ablation {out_dir}: {len(variants)} variants x {len(seeds)} seeds, budget {budget or 'as in the recipe'}")
+    for run in runs:
+        state = "done" if run.finished else ("resume" if _has_checkpoint(run) else "new")
+        print(f"  {run.name:<40} {state}")
+    if dry_run:
+        return out_dir
+
+    todo = [r for r in runs if not r.finished]
+    for run in todo:
+        run.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.directory / "run.yaml", yaml.safe_dump(configs[run.name], sort_keys=False))
+    _execute(todo, entry_point, parallel)
+
+    rows = [_result(run, variants, baseline, runs) for run in runs]
+    _write_csv(out_dir / "results.csv", rows)
+    table = _markdown(rows, list(variants), seeds, budget)
+    atomic_write_text(out_dir / "results.md", table)
+    print(table)
+    _plots(runs, list(variants), out_dir)
+    print(
+        f"Wrote {out_dir / 'results.csv'}, {out_dir / 'results.md'}, {out_dir / 'loss_curves.png'}, "
+        f"{out_dir / 'summary.png'}"
+    )
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------- running
+def _run_config(recipe: dict, overrides: dict | None, variant: dict | None, budget: dict | None, run: Run) -> dict:
+    config = merge_overrides(recipe, overrides or {}, variant or {})
+    if budget:  # the budget replaces every limit of the recipe, so all variants stop at the same point
+        train = config.setdefault("train", {})
+        for limit in ("max_steps", "max_tokens", "epochs", "max_time"):
+            train.pop(limit, None)
+        train.update(budget)
+    config.update(seed=run.seed, out_dir=str(run.directory))
+    return config
+
+
+def _validate(entry_point: str, config: dict, variant: str) -> None:
+    """Parse a run's config against the entry point's signature, and build its model config."""
+    import contextlib
+    import io
+    import tempfile
+
+    from litattn.__main__ import main
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(config, f)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            main([entry_point, "--config", f.name, "--print_config"])
+    except SystemExit as e:
+        if e.code:
+            raise ValueError(
+                f"Variant {variant!r} is not a valid {entry_point} recipe: {err.getvalue().strip().splitlines()[-1]}"
+            ) from None
+    finally:
+        os.unlink(f.name)
+    if entry_point == "pretrain":
+        from litattn.config import resolve_model_config
+
+        resolve_model_config(config.get("model_name", "quickstart"), config.get("model"))
+
+
+def _execute(todo: list[Run], entry_point: str, parallel: int) -> None:
+    """Run the processes, at most `parallel` at once; a failed run stops the grid with its log's tail."""
+    pending, active = list(todo), []
+    while pending or active:
+        while pending and len(active) < max(1, parallel):
+            run = pending.pop(0)
+            args = [sys.executable, "-m", "litattn", entry_point, "--config", str(run.directory / "run.yaml")]
+            if _has_checkpoint(run):
+                args += ["--resume", "auto"]
+            env = dict(os.environ)
+            if parallel > 1 and _cuda_count():
+                env["CUDA_VISIBLE_DEVICES"] = str(len(active) % _cuda_count())
+            print(f"[{time.strftime('%H:%M:%S')}] running {run.name}", flush=True)
+            log = open(run.directory / "log.txt", "a")
+            active.append((run, subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(0.2)
+        for item in list(active):
+            run, proc, log = item
+            if proc.poll() is None:
+                continue
+            active.remove(item)
+            log.close()
+            if proc.returncode != 0 or not run.finished:
+                for _, other, _ in active:
+                    other.terminate()
+                tail = (run.directory / "log.txt").read_text(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(
+                    f"Run {run.name} failed (exit {proc.returncode}); see {run.directory / 'log.txt'}: "
+                    + " | ".join(tail)
+                )
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _has_checkpoint(run: Run) -> bool:
+    return any(run.directory.glob("step-*/training_state.pt"))
+
+
+# ---------------------------------------------------------------------------------- results
+def _metrics(run: Run) -> list[dict[str, str]]:
+    rows = []
+    for path in sorted((run.directory / "logs" / "csv").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            rows.extend(csv.DictReader(f))
+    return rows
+
+
+def _series(rows: list[dict[str, str]], key: str) -> list[tuple[float, float]]:
+    """(tokens, value) pairs of one metric, in logging order, the last value kept per step."""
+    by_step = {}
+    for r in rows:
+        if r.get(key) not in (None, ""):
+            by_step[int(r["step"])] = (float(r["tokens"]), float(r[key]))
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _result(run: Run, variants: dict, baseline: str, runs: list[Run]) -> dict[str, Any]:
+    summary = json.loads((run.directory / "summary.json").read_text())
+    rows = _metrics(run)
+    val = _series(rows, "val_loss")
+    train = _series(rows, "train_loss")
+    base_run = next(r for r in runs if r.variant == baseline and r.seed == run.seed)
+    base_params = json.loads((base_run.directory / "summary.json").read_text())["parameters"]
+    final_val = summary["val_loss"] if summary["val_loss"] is not None else (val[-1][1] if val else math.nan)
+    final_train = train[-1][1] if train else math.nan
+    return {
+        "variant": run.variant,
+        "seed": run.seed,
+        "steps": summary["step"],
+        "tokens": summary["tokens"],
+        "final_val_loss": final_val,
+        "final_val_ppl": math.exp(final_val),
+        "best_val_loss": min([v for _, v in val] + [final_val]),
+        "train_val_gap": final_val - final_train,
+        "tokens_per_sec": summary["tokens_per_sec"],
+        "peak_memory_gib": summary["peak_memory_bytes"] / 2**30,
+        "parameters": summary["parameters"],
+        "params_added": summary["parameters"] - base_params,
+    }
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    from litattn.utils import atomic_write
+
+    atomic_write(path, write)
+
+
+COLUMNS = [  # (results.csv key, header, format)
+    ("final_val_loss", "final val loss", ".4f"),
+    ("final_val_ppl", "val ppl", ".2f"),
+    ("best_val_loss", "best val loss", ".4f"),
+    ("train_val_gap", "val - train", ".4f"),
+    ("tokens_per_sec", "tokens/s", ",.0f"),
+    ("peak_memory_gib", "peak mem GiB", ".2f"),
+]
+
+
+def _markdown(rows: list[dict], variants: list[str], seeds: list[int], budget) -> str:
+    """Mean ± sample standard deviation over seeds (± 0 with one seed)."""
+    header = ["variant", "runs"] + [h for _, h, _ in COLUMNS] + ["params added"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant in variants:
+        mine = [r for r in rows if r["variant"] == variant]
+        cells = [variant, str(len(mine))]
+        for key, _, fmt in COLUMNS:
+            values = [r[key] for r in mine]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):{fmt}} ± {spread:{fmt}}")
+        cells.append(f"{mine[0]['params_added']:+,}")
+        lines.append("| " + " | ".join(cells) + " |")
+    budget_text = ", ".join(f"{k}={v}" for k, v in (budget or {}).items()) or "the recipe's"
+    return "\n".join(lines) + f"\n\nSeeds {list(seeds)}; equal budget: {budget_text}; mean ± std over seeds.\n"
+
+
+def _plots(runs: list[Run], variants: list[str], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for i, variant in enumerate(variants):
+        color = colors[i % len(colors)]
+        for j, run in enumerate(r for r in runs if r.variant == variant):
+            rows = _metrics(run)
+            for ax, key in zip(axes, ("train_loss", "val_loss"), strict=True):
+                points = _series(rows, key)
+                if points:
+                    tokens, values = zip(*points, strict=True)
+                    ax.plot(
+                        tokens,
+                        values,
+                        color=color,
+                        alpha=0.85,
+                        lw=1.3,
+                        label=variant if j == 0 else None,
+                        marker="o" if key == "val_loss" else None,
+                        ms=3,
+                    )
+    for ax, title in zip(axes, ("training loss", "validation loss"), strict=True):
+        ax.set_title(f"{title} (one line per seed)")
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("cross-entropy (nats)")
+    axes[1].legend(title="variant")
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+    finals = {
+        v: [json.loads((r.directory / "summary.json").read_text())["val_loss"] for r in runs if r.variant == v]
+        for v in variants
+    }
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(variants) + 2), 4))
+    means = [statistics.mean(finals[v]) for v in variants]
+    spreads = [statistics.stdev(finals[v]) if len(finals[v]) > 1 else 0 for v in variants]
+    ax.bar(variants, means, yerr=spreads, capsize=6, color=[colors[i % len(colors)] for i in range(len(variants))])
+    for i, v in enumerate(variants):
+        ax.scatter([i] * len(finals[v]), finals[v], color="black", s=12, zorder=3)
+    low = min(min(f) for f in finals.values())
+    high = max(max(f) for f in finals.values())
+    pad = max(0.02, 0.5 * (high - low))
+    ax.set_ylim(low - pad, high + pad)
+    ax.set_ylabel("final validation loss (nats)")
+    ax.set_title("final validation loss\nmean ± std over seeds; dots: single seeds", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "summary.png", dpi=120)
+    plt.close(fig)
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} does not hold a YAML mapping")
+    return values

@@ -1,0 +1,278 @@
+"""Benchmark every registered attention mechanism against `causal`: time and peak memory per sequence length.
+
+    python scripts/bench_attention.py [--lengths 512,2048,8192] [--repeats 5] [--batch_size 1] [--dtype float32]
+
+What runs, for each mechanism (`available_attention()`, without the tests' `test_*` ones) and length T:
+- attn fwd, attn fwd+bwd: the mechanism alone, `mechanism(q, k, v, ctx)` (RoPE, mask, kernel) on random
+  q, k, v of the quickstart preset's shape (4 heads of 64), batch `--batch_size`, no attention metadata;
+  fwd+bwd backpropagates the sum of the output into q, k, v.
+- step: one training step (forward, loss, backward, AdamW step) of the quickstart preset with 2 layers and
+  block_size T, on random token ids.
+
+Times: median of `--repeats` runs after warmup runs. All mechanisms of one length are built in this process
+and their runs are interleaved (causal, a, b, causal, a, b, ...), so a slower or busier machine moves every
+mechanism alike and the ratios to causal stay meaningful.
+
+Peak memory: what one run needs on top of what existed before it.
+- CUDA: `torch.cuda.max_memory_allocated` minus the memory allocated before the run (tensors only).
+- CPU: the growth of the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs) over
+  one run, after a warmup run, in a fresh subprocess per mechanism and length. glibc's mmap threshold is fixed
+  (MALLOC_MMAP_THRESHOLD_) and `malloc_trim` runs before the measured run, so freed tensors return to the OS
+  instead of hiding in the heap. This counts every page the run touches (tensors, allocator and kernel
+  workspaces, thread stacks), not the tensor high-water mark; expect +-1 MiB of noise.
+
+A mechanism that raises (e.g. one that needs metadata such as segment ids) is skipped with a note; an
+inference-only one gets forward numbers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+KINDS = ("fwd", "fwd_bwd", "step")
+HEADERS = {"fwd": "attn fwd", "fwd_bwd": "attn fwd+bwd", "step": "train step"}
+
+
+# ---------------------------------------------------------------------------------- what is run
+def build(name: str, T: int, batch_size: int, dtype: torch.dtype, device: torch.device) -> dict[str, Callable | str]:
+    """The three runs of one mechanism at length T: kind -> a no-argument callable, or the reason it is skipped."""
+    from litattn.attention import AttentionContext
+    from litattn.attention.registry import split_spec
+    from litattn.config import Config
+    from litattn.model import GPT, RoPE
+
+    config = Config.from_name("quickstart", n_layer=2, block_size=T, attention={"name": name})
+    cls, options = split_spec(config.attention)
+    mech = cls(config, 0, options)
+    mech.reset_parameters()
+    mech.to(device=device, dtype=dtype)
+    rope = RoPE(config)
+    positions = torch.arange(T, device=device)
+    cos, sin = rope(positions)
+    nh, ng, hs = config.n_head, config.n_query_groups, config.head_size
+
+    def leaf(heads: int) -> torch.Tensor:
+        return torch.randn(batch_size, heads, T, hs, device=device, dtype=dtype, requires_grad=True)
+
+    q, k, v = leaf(nh), leaf(ng), leaf(ng)
+
+    def attend() -> torch.Tensor:
+        ctx = AttentionContext(positions=positions, cos=cos, sin=sin, rope=rope, kv_len=T)  # fresh per call, as in GPT
+        return mech(q, k, v, ctx)
+
+    def fwd() -> None:
+        with torch.no_grad():
+            attend()
+
+    def fwd_bwd() -> None:
+        attend().sum().backward()
+        q.grad = k.grad = v.grad = None
+
+    runs: dict[str, Callable | str] = {"fwd": fwd}
+    if not cls.supports_training:
+        return {**runs, "fwd_bwd": "inference-only", "step": "inference-only"}
+    model = GPT(config).to(device=device, dtype=dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx = torch.randint(0, config.vocab_size, (batch_size, T + 1), device=device)
+
+    def step() -> None:
+        model.loss(idx[:, :-1], idx[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {**runs, "fwd_bwd": fwd_bwd, "step": step}
+
+
+def mechanisms(requested: str | None) -> list[str]:
+    from litattn.attention import available_attention
+
+    names = [n for n in available_attention() if not n.startswith("test_")]
+    if requested:
+        wanted = requested.split(",")
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise SystemExit(f"Unknown mechanism(s) {unknown}; registered: {', '.join(names)}")
+        names = wanted
+    return ["causal"] + [n for n in names if n != "causal"]  # the baseline first
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _try(fn: Callable) -> str | None:
+    """Run fn; the one-line reason if it raises."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 (any failure of a mechanism is a skip, reported, never a crash)
+        if "out of memory" in str(e).lower() and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return None
+
+
+# ---------------------------------------------------------------------------------- timing
+def time_length(names: list[str], T: int, args, device: torch.device) -> tuple[dict, dict]:
+    """{(name, kind): median seconds} and {(name, kind): skip note} for one length."""
+    runs, notes = {}, {}
+    for name in names:
+        built: dict = {}
+        error = _try(lambda name=name, built=built: built.update(build(name, T, args.batch_size, args.dtype, device)))
+        for kind in KINDS:
+            run = built.get(kind, error)
+            if not callable(run):
+                notes[(name, kind)] = run
+            elif (error := _try(run)) is not None:  # the warmup run
+                notes[(name, kind)] = error
+            else:
+                runs[(name, kind)] = run
+    times: dict = {key: [] for key in runs}
+    for run in runs.values():  # warm again, right before the timed rounds
+        run()
+    for _ in range(args.repeats):
+        for key, run in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) for key, t in times.items()}, notes
+
+
+# ---------------------------------------------------------------------------------- memory
+def memory_length(names: list[str], T: int, args, device: torch.device) -> dict:
+    """{(name, kind): peak bytes} for one length (CUDA in this process; CPU in one fresh process per mechanism)."""
+    peaks = {}
+    for name in names:
+        if device.type == "cuda":
+            result = measure_memory(name, T, args.batch_size, args.dtype, device)
+        else:
+            result = _memory_subprocess(name, T, args)
+        peaks.update({(name, kind): b for kind, b in result.items() if b is not None})
+    return peaks
+
+
+def measure_memory(name: str, T: int, batch_size: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """kind -> bytes one run needs above what existed before it (None if it cannot run)."""
+    built: dict = {}
+    if _try(lambda: built.update(build(name, T, batch_size, dtype, device))) is not None:
+        return dict.fromkeys(KINDS)
+    out = {}
+    for kind in KINDS:
+        run = built[kind]
+        if not callable(run) or _try(run) is not None:  # warmup
+            out[kind] = None
+            continue
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            run()
+            torch.cuda.synchronize(device)
+            out[kind] = torch.cuda.max_memory_allocated(device) - before
+        else:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak resident set to the current one
+            before = _proc_status("VmRSS")
+            run()
+            out[kind] = _proc_status("VmHWM") - before
+    return out
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+def _memory_subprocess(name: str, T: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--_memory", name, "--lengths", str(T), "--batch_size", str(args.batch_size)]
+    cmd += ["--dtype", str(args.dtype).removeprefix("torch.")]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # fixed: large tensors are unmapped when freed
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
+        print(f"  memory of {name} at T={T} not measured: {tail}", file=sys.stderr)
+        return dict.fromkeys(KINDS)
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------------------------- report
+def _cell(value: float | None, base: float | None, unit: str, note: str | None) -> str:
+    if value is None:
+        return "skipped" if note else "-"
+    shown = f"{value * 1e3:.2f} ms" if unit == "s" else f"{value / 2**20:.1f} MiB"
+    return f"{shown} ({value / base:.2f}x)" if base else shown
+
+
+def report(T: int, names: list[str], times: dict, peaks: dict, notes: dict) -> str:
+    columns = [(k, "s") for k in KINDS] + [(k, "B") for k in KINDS]
+    titles = [f"{HEADERS[k]} time" for k in KINDS] + [f"{HEADERS[k]} peak" for k in KINDS]
+    width = max(len(n) for n in names) + 2
+    lines = [f"{'T=' + str(T):<{width}}" + "".join(f"{t:>22}" for t in titles)]
+    for name in names:
+        cells = []
+        for kind, unit in columns:
+            table = times if unit == "s" else peaks
+            base = table.get(("causal", kind))
+            cells.append(_cell(table.get((name, kind)), base, unit, notes.get((name, kind))))
+        lines.append(f"{name:<{width}}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="512,2048,8192", help="comma-separated sequence lengths")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is shown)")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--mechanisms", default=None, help="comma-separated names (default: all registered)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)  # internal: one memory measurement
+    args = parser.parse_args()
+    args.dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lengths = [int(n) for n in args.lengths.split(",")]
+
+    if args._memory:
+        print(json.dumps(measure_memory(args._memory, lengths[0], args.batch_size, args.dtype, device)))
+        return
+
+    names = mechanisms(args.mechanisms)
+    print(
+        f"{device.type}, {args.dtype}, batch {args.batch_size}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; median of {args.repeats} after warmup; ratios to causal"
+    )
+    all_notes: dict = {}
+    for T in lengths:
+        times, notes = time_length(names, T, args, device)
+        peaks = memory_length(names, T, args, device)
+        print("\n" + report(T, names, times, peaks, notes), flush=True)
+        all_notes.update({(name, kind, T): note for (name, kind), note in notes.items()})
+        gc.collect()
+    if all_notes:
+        print("\nSkipped:")
+        for (name, kind, T), note in all_notes.items():
+            print(f"  {name} {HEADERS[kind]} at T={T}: {note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+import csv
+import json
+import shutil
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from litattn import checkpoint as ckpt
+from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs
+from litattn.attention import AttentionMechanism, AttentionOptions, masks, register_attention
+from litattn.data import TextFiles
+from litattn.evaluate import perplexity
+from litattn.pretrain.pretrain import setup
+
+SEQ_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A tiny pretraining run on a few standard-library modules, with a final validation over the whole split."""
+    root = tmp_path_factory.mktemp("evaluate")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for folder, names in [
+        ("corpus", ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "heapq.py"]),
+        ("val", ["bisect.py"]),
+    ]:
+        (root / folder).mkdir()
+        for name in names:
+            shutil.copy(stdlib / name, root / folder / name)
+    setup(
+        model_name="tiny-llama",
+        model={"block_size": SEQ_LEN, "vocab_size": 512},
+        out_dir=root / "out",
+        data=_data(root),
+        train=TrainArgs(
+            global_batch_size=4,
+            micro_batch_size=2,
+            max_seq_length=SEQ_LEN,
+            max_steps=8,
+            lr_warmup_steps=2,
+            save_interval=None,
+            log_interval=1,
+        ),
+        eval=EvalArgs(interval=0, final_validation=True),
+        optimizer=OptimizerArgs(lr=3e-3, min_lr=3e-4),
+        log=LogArgs(sample_prompt=None, progress_bar=False),
+        accelerator="cpu",
+        cache_dir=root / "cache",
+    )
+    return root
+
+
+def _data(root: Path) -> TextFiles:
+    return TextFiles(train_dirs=[root / "corpus"], val_dir=root / "val", extensions=[".py"])  # ~1,500 val tokens
+
+
+def _logged_final_val_loss(out: Path) -> float:
+    (metrics,) = (out / "logs" / "csv").glob("version_*/metrics.csv")
+    with open(metrics) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_loss")]
+    return float(rows[-1]["val_loss"])
+
+
+def _val_tokens(root: Path) -> np.ndarray:
+    """The validation token file the run wrote, read directly (not through TokenWindows)."""
+    (meta,) = (root / "cache").glob("data-*/meta.json")
+    dtype = json.loads(meta.read_text())["dtype"]
+    return np.fromfile(meta.parent / "val.bin", dtype=dtype).astype(np.int64)
+
+
+@torch.no_grad()
+def naive_loss(model, tokens: np.ndarray, length: int, n_windows: int) -> float:
+    """Mean over consecutive non-overlapping windows of each window's mean next-token loss, one window at a time."""
+    model.eval()
+    losses = []
+    for i in range(n_windows):
+        chunk = torch.from_numpy(tokens[i * length : (i + 1) * length + 1])
+        logits = model(chunk[:-1].view(1, -1))[0]
+        losses.append(F.cross_entropy(logits.double(), chunk[1:]).item())
+    return sum(losses) / len(losses)
+
+
+def test_final_checkpoint_reproduces_the_val_loss_the_run_logged(run, capsys):
+    final = run / "out" / "final"
+    result = perplexity(final, data=_data(run), micro_batch_size=8, cache_dir=run / "cache")  # the run used 2
+    (row,) = result["results"]
+    assert row["length"] == SEQ_LEN
+    assert row["loss"] == pytest.approx(_logged_final_val_loss(run / "out"), abs=1e-3)
+    assert row["perplexity"] == pytest.approx(np.exp(row["loss"]))
+    n_tokens = len(_val_tokens(run))
+    assert row["windows"] == (n_tokens - 1) // SEQ_LEN and row["tokens"] == row["windows"] * SEQ_LEN
+    assert "Reusing token files" in capsys.readouterr().out  # the checkpoint's tokenizer = the run's: same cache
+    saved = json.loads((final / "eval" / "perplexity.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["attention"]["name"] == "causal"
+
+
+def test_several_lengths_match_a_naive_loop_and_too_long_is_an_error_row(run, tmp_path, capsys):
+    final = run / "out" / "final"
+    out_file = tmp_path / "ppl.json"
+    result = perplexity(
+        final,
+        data=_data(run),
+        lengths=[16, 48, SEQ_LEN + 1, 10**6],
+        micro_batch_size=4,
+        max_batches=3,
+        out_file=out_file,
+        cache_dir=run / "cache",
+    )
+    rows = {r["length"]: r for r in result["results"]}
+    model, _, _ = ckpt.load(final)
+    tokens = _val_tokens(run)
+    for length in (16, 48):
+        assert rows[length]["windows"] == 12  # 3 batches of 4
+        assert rows[length]["loss"] == pytest.approx(naive_loss(model, tokens, length, 12), abs=1e-5)
+
+    for length in (SEQ_LEN + 1, 10**6):
+        assert "exceed" in rows[length]["error"] and "loss" not in rows[length]
+    printed = capsys.readouterr().out
+    assert "error:" in printed and "perplexity" in printed
+    assert json.loads(out_file.read_text())["results"] == json.loads(json.dumps(result["results"]))
+
+
+# ------------------------------------------------------------- attention override
+@dataclass
+class WindowOptions(AttentionOptions):
+    window: int = 8
+
+
+@register_attention("test_eval_window")
+class LongWindow(AttentionMechanism):
+    """Sliding-window causal attention that claims 4x the trained context (a test mechanism)."""
+
+    Options = WindowOptions
+
+    @classmethod
+    def max_seq_length(cls, config, options):
+        return 4 * config.block_size
+
+    def mask_mod(self, ctx):
+        return masks.sliding_window(ctx.positions, self.options.window)
+
+
+def test_attention_override_is_used_and_its_max_length_applies(run):
+    final = run / "out" / "final"
+    spec = {"name": "test_eval_window", "window": 8}
+    lengths = [SEQ_LEN, 2 * SEQ_LEN]  # 2 x block_size: beyond causal, within the override's reach
+    result = perplexity(
+        final,
+        data=_data(run),
+        lengths=lengths,
+        micro_batch_size=2,
+        max_batches=2,
+        attention=spec,
+        cache_dir=run / "cache",
+    )
+    assert result["attention"] == {"name": "test_eval_window", "kernel": "auto", "window": 8}
+    model, _, _ = ckpt.load(final, attention=spec)
+    tokens = _val_tokens(run)
+    for row, length in zip(result["results"], lengths, strict=True):
+        assert "error" not in row
+        assert row["loss"] == pytest.approx(naive_loss(model, tokens, length, 4), abs=1e-5)
+    causal = perplexity(final, data=_data(run), micro_batch_size=2, max_batches=2, cache_dir=run / "cache")
+    assert abs(causal["results"][0]["loss"] - result["results"][0]["loss"]) > 1e-3  # the window changed the model
+
+
+def test_bad_input_is_a_clear_error(run, tmp_path):
+    final = run / "out" / "final"
+    with pytest.raises(ValueError, match="lengths"):
+        perplexity(final, data=_data(run), lengths=[0], cache_dir=run / "cache")
+    no_tokenizer = tmp_path / "ckpt"
+    shutil.copytree(final, no_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / name).unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        perplexity(no_tokenizer, data=_data(run), cache_dir=run / "cache")
+
+
+def test_cli_help_is_built_from_the_docstring(capsys):
+    from jsonargparse import CLI
+
+    with pytest.raises(SystemExit) as e:
+        CLI({"evaluate": {"perplexity": perplexity}}, args=["evaluate", "perplexity", "--help"], as_positional=False)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--lengths" in out and "Context lengths" in out and "--attention" in out
