@@ -14,6 +14,7 @@ then swapped in, so a crash mid-save never leaves a half checkpoint under the fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -22,6 +23,7 @@ import re
 import shutil
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,19 +65,9 @@ def save_checkpoint(
     hyperparameters: dict[str, Any] | None = None,
     training_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a complete checkpoint directory atomically and return its path.
-
-    The files are written and fsynced in `.<name>.<id>.tmp/` beside out_dir; then an existing
-    out_dir is renamed to a backup, the temp dir renamed to out_dir, and the backup deleted.
-    A failure before the swap leaves the previous checkpoint untouched; a kill between the two
-    renames leaves it under the backup name, which `_recover` puts back on the next save or load.
-    """
+    """Write a complete checkpoint directory atomically (see `atomic_directory`) and return its path."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _recover(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()  # mkdir (not mkdtemp) so the checkpoint gets the usual umask permissions
-    try:
+    with atomic_directory(out_dir) as tmp:
         save_state_dict(model_state, tmp / MODEL_FILE)
         config.save(tmp / CONFIG_FILE)
         if hyperparameters is not None:
@@ -84,12 +76,43 @@ def save_checkpoint(
             tokenizer.save(tmp)
         if training_state is not None:
             save_training_state(tmp, training_state)
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a temp dir beside out_dir to fill; on success it replaces out_dir in one swap.
+
+    The files are fsynced in `.<name>.<id>.tmp/`; then an existing out_dir is renamed to a
+    backup, the temp dir renamed to out_dir, and the backup deleted. A failure before the swap
+    leaves the previous directory untouched; a kill between the two renames leaves it under the
+    backup name, which `_recover` puts back on the next save or load.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _recover(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()  # mkdir (not mkdtemp) so the directory gets the usual umask permissions
+    try:
+        yield tmp
         _fsync_tree(tmp)
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+
+
+def load_with_tokenizer(checkpoint_dir: Path, device=None, dtype=None, attention: dict | None = None):
+    """`load` for inference entry points: the device picked automatically, the attention spec
+    optionally overridden, and a tokenizer required (generate, evaluate and visualize need one)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    overrides = {"attention": attention} if attention else {}
+    model, tokenizer, config = load(checkpoint_dir, device=device, dtype=dtype, **overrides)
+    if tokenizer is None:
+        raise FileNotFoundError(
+            f"{checkpoint_dir} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer of the run "
+            "that trained it into the directory"
+        )
+    return model, tokenizer, config
 
 
 def save_state_dict(state: dict[str, Tensor], path: Path) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -591,7 +590,7 @@ def to_hf(checkpoint_dir: Path, out_dir: Path, max_shard_size: int | str = "5GB"
     Writes config.json, model.safetensors (or shards of at most max_shard_size plus an index, as
     save_pretrained does) and the tokenizer files, into a temp dir that is renamed into place.
     """
-    from litattn.checkpoint import CONFIG_FILE, _fsync_tree, _recover, _swap_in
+    from litattn.checkpoint import CONFIG_FILE, atomic_directory
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     _check_distinct(checkpoint_dir, out_dir)
@@ -603,11 +602,7 @@ def to_hf(checkpoint_dir: Path, out_dir: Path, max_shard_size: int | str = "5GB"
     values = hf_config(config, family)
     values.update(_token_ids(checkpoint_dir))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _recover(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
+    with atomic_directory(out_dir) as tmp:
         writer = _ShardWriter(tmp, _parse_size(max_shard_size))
         dtypes: dict[torch.dtype, int] = {}
         tensors, n = _lit_tensors(checkpoint_dir)
@@ -623,11 +618,6 @@ def to_hf(checkpoint_dir: Path, out_dir: Path, max_shard_size: int | str = "5GB"
         for name in TOKENIZER_FILES:
             if (checkpoint_dir / name).is_file():
                 shutil.copyfile(checkpoint_dir / name, tmp / name)
-        _fsync_tree(tmp)
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -55,7 +55,7 @@ def perplexity(
     """
     from lightning_fabric import Fabric
 
-    from litattn.checkpoint import load
+    from litattn.checkpoint import load_with_tokenizer
     from litattn.pretrain.pretrain import validation_loss
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -68,13 +68,7 @@ def perplexity(
 
     fabric = Fabric(accelerator="auto", devices=1, precision=precision)
     fabric.launch()
-    overrides = {"attention": attention} if attention else {}
-    model, tokenizer, config = load(checkpoint_dir, device=fabric.device, dtype=_weights_dtype(precision), **overrides)
-    if tokenizer is None:
-        raise FileNotFoundError(
-            f"{checkpoint_dir} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer of the run "
-            "that trained it into the directory"
-        )
+    model, tokenizer, config = load_with_tokenizer(checkpoint_dir, fabric.device, _weights_dtype(precision), attention)
     max_len = model.max_seq_length
     lengths = [int(n) for n in lengths] if lengths else [config.block_size]
 

@@ -164,16 +164,10 @@ def main(
     Returns:
         The generated text (without the prompt).
     """
-    from litattn.checkpoint import load
+    from litattn.checkpoint import load_with_tokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    overrides = {"attention": attention} if attention else {}
-    model, tokenizer, _ = load(checkpoint_dir, device=device, **overrides)
-    if tokenizer is None:
-        raise FileNotFoundError(
-            f"{checkpoint_dir} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer of the "
-            "run that trained it into the directory"
-        )
+    model, tokenizer, _ = load_with_tokenizer(checkpoint_dir, attention=attention)
+    device = model.lm_head.weight.device
     model.eval()
     ids = tokenizer.encode(prompt, bos=getattr(tokenizer, "use_bos", False))  # as the checkpoint's tokenizer does
     generator = torch.Generator(device=device).manual_seed(seed)

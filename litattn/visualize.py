@@ -46,19 +46,12 @@ def attention(
     Returns:
         The path of the PNG file.
     """
-    from litattn.checkpoint import load
+    from litattn.checkpoint import load_with_tokenizer
     from litattn.utils import atomic_write
 
     _require_matplotlib()
     checkpoint_dir = Path(checkpoint_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    overrides = {"attention": attention_spec} if attention_spec else {}
-    model, tokenizer, config = load(checkpoint_dir, device=device, **overrides)
-    if tokenizer is None:
-        raise FileNotFoundError(
-            f"{checkpoint_dir} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer of the run "
-            "that trained it into the directory"
-        )
+    model, tokenizer, config = load_with_tokenizer(checkpoint_dir, attention=attention_spec)
     ids = tokenizer.encode(prompt, bos=tokenizer.use_bos)
     if not ids:
         raise ValueError("The prompt is empty: there is no attention to draw")
@@ -67,7 +60,7 @@ def attention(
             f"The prompt has {len(ids)} tokens, more than the model's context of {model.max_seq_length} "
             f"(attention {config.attention['name']!r}); shorten it"
         )
-    maps = model.eval().attention_maps(torch.tensor([ids], device=device))
+    maps = model.eval().attention_maps(torch.tensor([ids], device=model.lm_head.weight.device))
     if len(maps) != config.n_layer:
         raise RuntimeError(
             f"Attention {config.attention['name']!r} reported maps for {len(maps)} of {config.n_layer} layers: its "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import debug_pretrain_args
 from litattn.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,20 +36,7 @@ def text_dir(tmp_path_factory):
 
 
 def debug(tmp_path, text_dir, *extra):
-    return (
-        "pretrain",
-        "--config",
-        "config_hub/pretrain/debug.yaml",
-        "--data",
-        "TextFiles",
-        "--data.train_dirs",
-        f"[{text_dir}]",
-        "--cache_dir",
-        str(tmp_path / "cache"),
-        "--out_dir",
-        str(tmp_path / "out"),
-        *extra,
-    )
+    return debug_pretrain_args(text_dir, tmp_path / "cache", "--out_dir", str(tmp_path / "out"), *extra)
 
 
 def test_unknown_attention_name(tmp_path, text_dir):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import debug_pretrain_args
 from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs
 from litattn.data import TextFiles
 from litattn.pretrain.pretrain import setup
@@ -170,23 +171,7 @@ def _cli(*args, **kwargs):
 
 
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, corpus):
-    common = [
-        "pretrain",
-        "--config",
-        "config_hub/pretrain/debug.yaml",
-        "--data",
-        "TextFiles",
-        "--data.train_dirs",
-        f"[{corpus}]",
-        "--data.extensions",
-        "[.py]",
-        "--accelerator",
-        "cpu",
-        "--cache_dir",
-        str(tmp_path / "cache"),
-        "--log.sample_prompt",
-        "null",
-    ]
+    common = debug_pretrain_args(corpus, tmp_path / "cache", "--log.sample_prompt", "null", extensions="[.py]")
     one = _cli(*common, "--out_dir", str(tmp_path / "one"), "--devices", "1")
     assert one.returncode == 0, one.stderr[-2000:]
     two = _cli(*common, "--out_dir", str(tmp_path / "two"), "--devices", "2", "--strategy", "ddp")
@@ -199,29 +184,10 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, corpus):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
-    args = [
-        "pretrain",
-        "--config",
-        "config_hub/pretrain/debug.yaml",
-        "--data",
-        "TextFiles",
-        "--data.train_dirs",
-        f"[{corpus}]",
-        "--data.extensions",
-        "[.py]",
-        "--accelerator",
-        "cpu",
-        "--cache_dir",
-        str(tmp_path / "cache"),
-        "--out_dir",
-        str(tmp_path / "out"),
-        "--train.max_steps",
-        "100000",
-        "--train.save_interval",
-        "null",
-        "--eval.interval",
-        "0",
-    ]
+    args = debug_pretrain_args(
+        corpus, tmp_path / "cache", "--out_dir", str(tmp_path / "out"), "--train.max_steps", "100000",
+        "--train.save_interval", "null", "--eval.interval", "0", extensions="[.py]",
+    )  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "litattn", *args],
         cwd=ROOT,

@@ -1,7 +1,30 @@
 """Data modules: a corpus goes in, cached token files and `TokenWindows` datasets come out."""
 
 from litattn.data.base import DataModule, TokenWindows
+from litattn.data.instructions import (
+    ALPACA_PROMPT,
+    AlpacaJSON,
+    Example,
+    InstructionData,
+    InstructionDataset,
+    format_prompt,
+    truncate,
+)
+from litattn.data.pydoc_qa import PyDocQA
 from litattn.data.stdlib import StdlibCorpus
 from litattn.data.text_files import TextFiles
 
-__all__ = ["DataModule", "StdlibCorpus", "TextFiles", "TokenWindows"]
+__all__ = [
+    "ALPACA_PROMPT",
+    "AlpacaJSON",
+    "DataModule",
+    "Example",
+    "InstructionData",
+    "InstructionDataset",
+    "PyDocQA",
+    "StdlibCorpus",
+    "TextFiles",
+    "TokenWindows",
+    "format_prompt",
+    "truncate",
+]
