@@ -97,34 +97,3 @@ def test_a_misspelt_variant_key_fails_before_any_run(tmp_path):
             out_dir=tmp_path,
         )
 
-
-def test_killing_the_grid_and_rerunning_finishes_only_the_missing_runs(tmp_path, corpus):
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    out = tmp_path / "killed"
-    overrides = {
-        "log": {"sample_prompt": None, "progress_bar": False},
-        "data": {"class_path": "litattn.data.TextFiles", "init_args": {"train_dirs": [str(corpus)]}},
-        "cache_dir": str(tmp_path / "cache"),
-    }
-    cmd = [sys.executable, "-m", "litattn", "ablate", "--config", str(ROOT / "config_hub/ablations/smoke.yaml"),
-           "--base", str(ROOT / "config_hub/pretrain/debug.yaml"), "--out_dir", str(out),
-           "--overrides", json.dumps(overrides)]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not list(out.glob("*/seed-*/summary.json")) and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole grid, mid-way: the runner and its current run
-    proc.wait()
-    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/summary.json")}
-    assert 1 <= len(finished) < 4
-    smoke(out, corpus, tmp_path / "cache")
-    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not rerun
-    assert len(list(out.glob("*/seed-*/summary.json"))) == 4
-    with open(out / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
