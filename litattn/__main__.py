@@ -48,12 +48,14 @@ def commands() -> dict[str, Callable | dict[str, Callable]]:
     from litattn.ablate import ablate
     from litattn.convert import from_hf_main, to_hf_main
     from litattn.evaluate import perplexity
+    from litattn.finetune.finetune import setup as finetune
     from litattn.generate import main as generate
     from litattn.pretrain.pretrain import setup as pretrain
     from litattn.visualize import attention as visualize_attention
 
     return {
         "pretrain": pretrain,
+        "finetune": finetune,
         "generate": generate,
         "ablate": ablate,
         "convert": {"from_hf": from_hf_main, "to_hf": to_hf_main},

@@ -6,7 +6,7 @@ line override these defaults, which live here and nowhere else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -21,7 +21,8 @@ class TrainArgs:
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     max_tokens: int | None = None
-    """Stop after this many training tokens (over all devices)."""
+    """Stop after this many training tokens (over all devices), counted as global_batch_size x max_seq_length
+    per step (padding included)."""
     epochs: int | None = None
     """Stop after this many passes over the training data. With no limit set at all: 1."""
     max_time: float | None = None
@@ -62,6 +63,10 @@ class OptimizerArgs:
     """Learning rate at the end of the cosine decay."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to weight matrices only (not norms, biases, embeddings)."""
+    mechanism_lr: float | None = None
+    """Peak learning rate of the attention mechanism's own parameters (SSA's beta and temperature vectors),
+    which then form their own group without weight decay and follow the same schedule scaled by
+    mechanism_lr / lr (SSA's authors train beta 100-1000x faster than the weights). None: lr, in the usual groups."""
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -75,4 +80,21 @@ class LogArgs:
     """Generate from this prompt after training (None: no sample)."""
     sample_tokens: int = 100
     """Tokens to generate for the sample."""
+    sample_at_validation: bool = False
+    """Also generate the sample after each validation (finetuning: watch the answers change)."""
     progress_bar: bool = True
+
+
+@dataclass
+class LoRAArgs:
+    """Low-rank adapters (Hu et al., 2021): W x + (alpha / r) B A x, with A (r, in) and B (out, r), B = 0 at start."""
+
+    r: int = 8
+    """Rank of the adapters."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])
+    """Linear layers that get an adapter, by the end of their module name: attn.qkv, attn.proj, mlp.fc, mlp.fc_1,
+    mlp.fc_2, mlp.proj, lm_head (the lm_head only when it is not tied to the embedding)."""

@@ -377,6 +377,34 @@ def load(
     """
     from litattn.model import GPT
 
+    saved, weights_path, litgpt = _saved_config(checkpoint_dir)
+    config = resolve_model_config(saved.name, config_overrides, base=saved)
+    state = _read_weights(weights_path, litgpt, config)
+    dtype = dtype or _saved_dtype(state)
+    with torch.device(device):
+        model = GPT(config)
+    for p in model.parameters():  # parameters only: float32 buffers (RoPE frequencies) keep their precision
+        p.data = p.data.to(dtype)
+    _load_weights(model, state, weights_path, config.attention != saved.attention)
+    return model, _load_tokenizer(Path(checkpoint_dir), config), config
+
+
+def load_config(checkpoint_dir: Path, **config_overrides: Any) -> Config:
+    """The checkpoint's model config with `config_overrides` applied (as `load` builds it), without the weights."""
+    saved, _, _ = _saved_config(checkpoint_dir)
+    return resolve_model_config(saved.name, config_overrides, base=saved)
+
+
+def load_weights(model: GPT, checkpoint_dir: Path) -> None:
+    """Copy a checkpoint's weights into a model built from its config (`load_config`, perhaps with another
+    attention mechanism, whose new parameters then keep their init). Shapes and keys are checked as in `load`."""
+    saved, weights_path, litgpt = _saved_config(checkpoint_dir)
+    state = _read_weights(weights_path, litgpt, model.config)
+    _load_weights(model, state, weights_path, model.config.attention != saved.attention)
+
+
+def _saved_config(checkpoint_dir: Path) -> tuple[Config, Path, bool]:
+    """(the config saved in the directory, its weights file, whether it is a litgpt checkpoint)."""
     checkpoint_dir = Path(checkpoint_dir)
     _recover(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -399,26 +427,17 @@ def load(
             f"No weights in {checkpoint_dir}: expected {MODEL_FILE} (or litgpt's {LITGPT_MODEL_FILE}); "
             "the save was interrupted or the directory is not a checkpoint"
         )
-
     values = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     if not isinstance(values, dict):
         raise ValueError(f"{config_path} does not hold a YAML mapping of config keys")
     if litgpt:
         values = litgpt_config_to_litattn(values)
-    saved_config = Config.from_dict(values)
-    config = resolve_model_config(saved_config.name, config_overrides, base=saved_config)
-    attention_overridden = config.attention != saved_config.attention
+    return Config.from_dict(values), weights_path, litgpt
 
-    state = load_state_dict(weights_path)
-    if litgpt:
-        state = litgpt_state_dict_to_litattn(state, config)
-    dtype = dtype or _saved_dtype(state)
-    with torch.device(device):
-        model = GPT(config)
-    for p in model.parameters():  # parameters only: float32 buffers (RoPE frequencies) keep their precision
-        p.data = p.data.to(dtype)
-    _load_weights(model, state, weights_path, attention_overridden)
-    return model, _load_tokenizer(checkpoint_dir, config), config
+
+def _read_weights(path: Path, litgpt: bool, config: Config) -> dict[str, Tensor]:
+    state = load_state_dict(path)
+    return litgpt_state_dict_to_litattn(state, config) if litgpt else state
 
 
 def _saved_dtype(state: dict[str, Tensor]) -> torch.dtype:
@@ -569,6 +588,8 @@ __all__ = [
     "HPARAMS_FILE",
     "STATE_FILE",
     "load",
+    "load_config",
+    "load_weights",
     "load_state_dict",
     "save_state_dict",
     "save_checkpoint",

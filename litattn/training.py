@@ -15,18 +15,29 @@ from torch import nn
 
 from litattn.args import OptimizerArgs
 
-
 # ---------------------------------------------------------------------------------- optimizer
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay weight matrices only; norms, biases and embeddings are not decayed."""
+MECHANISM_PARAMETER = ".attn.mechanism."
+"""Marks the parameters an attention mechanism adds (SSA's beta, ...) in `named_parameters()`."""
+
+
+def parameter_groups(model: nn.Module, args: OptimizerArgs) -> list[dict]:
+    """AdamW groups of the trainable parameters: weight matrices decay; norms, biases and embeddings do not.
+    With `args.mechanism_lr`, the mechanism's own parameters form a third group (no decay, own lr)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
+    decay, no_decay, mechanism, seen = [], [], [], set()
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if args.mechanism_lr is not None and MECHANISM_PARAMETER in f".{name}":
+            mechanism.append(p)
+        elif p.ndim >= 2 and id(p) not in embeddings:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if mechanism:
+        groups.append({"params": mechanism, "weight_decay": 0.0, "lr_scale": args.mechanism_lr / args.lr})
     return [g for g in groups if g["params"]]
 
 
@@ -64,9 +75,20 @@ def epoch_order(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_windows, generator=generator)
 
 
-def collate(dataset, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+def collate(dataset, indices: torch.Tensor, multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Stack the items; then drop the trailing columns that no row has a target in (padding of short
+    instruction examples), keeping a multiple of `multiple` columns. Under causal attention nothing
+    before a position depends on it, so the loss is exactly that of the full batch, and a batch of
+    short answers costs short sequences."""
     items = [dataset[int(i)] for i in indices]
-    return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+    batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
+    labels = batch.get("labels")
+    if labels is None or labels.ndim != 2 or (labels[:, -1] != -100).any():
+        return batch
+    has_target = (labels != -100).any(dim=0).nonzero()
+    keep = int(has_target[-1]) + 1 if len(has_target) else 1
+    keep = min(labels.shape[1], -(-keep // multiple) * multiple)
+    return {k: v[:, :keep] if v.ndim == 2 and v.shape[1] == labels.shape[1] else v for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------- stopping

@@ -23,6 +23,7 @@ import torch
 from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs
 from litattn.config import Config
 from litattn.data import DataModule, StdlibCorpus
+from litattn.plan import TrainingPlan
 from litattn.training import (
     StopSignal,
     Throughput,
@@ -32,7 +33,6 @@ from litattn.training import (
     lr_at,
     make_optimizer,
     measure_matmul_peak,
-    parameter_groups,
     peak_memory_bytes,
     set_lr,
 )
@@ -83,29 +83,17 @@ def setup(
         cache_dir: Where the trained tokenizer and tokenized data are cached.
     """
     hyperparameters = _hyperparameters(dict(locals()))
-    from lightning_fabric import Fabric
-
     from litattn.config import resolve_model_config
 
     data = StdlibCorpus() if data is None else data
-    config = resolve_model_config(model_name, model)
-    fabric = Fabric(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        precision=precision,
-        loggers=[_make_logger(log, out_dir)],
-    )
-    fabric.launch()
-    fabric.seed_everything(seed)
+    plan = TrainingPlan(resolve_model_config(model_name, model), initial_checkpoint_dir)
+    fabric = launch_fabric(out_dir, log, precision, accelerator, devices, num_nodes, strategy, seed)
     code = fit(
         fabric,
-        config,
+        plan,
         data,
         out_dir,
         tokenizer_dir,
-        initial_checkpoint_dir,
         resume,
         train,
         eval,
@@ -120,13 +108,31 @@ def setup(
         sys.exit(code)
 
 
+def launch_fabric(
+    out_dir: Path, log: LogArgs, precision: str, accelerator: str, devices, num_nodes: int, strategy: str, seed: int
+):
+    """A launched Fabric (processes started for multi-device strategies) with the run's logger, seeded."""
+    from lightning_fabric import Fabric
+
+    fabric = Fabric(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision,
+        loggers=[_make_logger(log, out_dir)],
+    )
+    fabric.launch()
+    fabric.seed_everything(seed)
+    return fabric
+
+
 def fit(
     fabric,
-    config: Config,
+    plan: TrainingPlan,
     data: DataModule,
     out_dir: Path,
     tokenizer_dir: Path | None,
-    initial_checkpoint_dir: Path | None,
     resume: bool | str | Path,
     train: TrainArgs,
     eval: EvalArgs,
@@ -138,13 +144,15 @@ def fit(
     hyperparameters: dict[str, Any],
     epoch_start_hooks: list[Callable[[int], None]] = (),
 ) -> int:
-    """Run the training loop; returns the process exit code (0 done or stopped cleanly, 1 diverged)."""
+    """Run the training loop; returns the process exit code (0 done or stopped cleanly, 1 diverged).
+
+    `plan` says what trains and what checkpoints hold (litattn/plan.py): pretraining trains everything,
+    the finetuning methods a part, LoRA saves merged weights."""
     from litattn import checkpoint as ckpt
-    from litattn.model import GPT
     from litattn.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir, config = Path(out_dir), plan.config
     seq_len = train.max_seq_length or config.block_size
     if seq_len > config.block_size:
         raise ValueError(f"train.max_seq_length={seq_len} exceeds the model's block_size={config.block_size}")
@@ -174,53 +182,61 @@ def fit(
     total_steps = _total_steps(train, steps_per_epoch, tokens_per_step)
 
     # ---- model and optimizer
-    with fabric.init_module(empty_init=initial_checkpoint_dir is not None or bool(resume)):
-        model = GPT(config)
-    if initial_checkpoint_dir is not None:
-        model.load_state_dict(ckpt.load_state_dict(Path(initial_checkpoint_dir) / "model.safetensors"), strict=False)
+    resume_dir = _resume_dir(resume, out_dir)
+    model = plan.build(fabric, resuming=resume_dir is not None)
     if compile:
         for block in model.transformer.h:
             block.compile()
     fabric.print(
-        f"Model: {config.name or 'custom'} ({model.num_parameters():,} parameters), attention {config.attention}"
+        f"Model: {config.name or 'custom'} ({model.num_parameters():,} parameters), attention {config.attention}; "
+        f"{plan.describe(model)}"
     )
-    optimizer = make_optimizer(parameter_groups(model, optimizer_args.weight_decay), optimizer_args, fabric.device)
+    optimizer = make_optimizer(plan.parameter_groups(model, optimizer_args), optimizer_args, fabric.device)
     model = fabric.setup(model)
     model.mark_forward_method("loss")
     optimizer = fabric.setup_optimizers(optimizer)
-    state = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0}
+    # tokens: input tokens processed (padding trimmed by `collate` excluded); loss_tokens: those with a target
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0, "loss_tokens": 0}
 
-    resume_dir = _resume_dir(resume, out_dir)
     if resume_dir is not None:
-        _load_resumable(fabric, resume_dir, model, optimizer, state)
+        _load_resumable(plan, resume_dir, _unwrap(model), optimizer, state)
         fabric.print(f"Resumed from {resume_dir} at step {state['step']} (epoch {state['epoch']})")
 
     def save(directory: Path) -> None:
         if fabric.global_rank == 0:
             ckpt.save_checkpoint(
                 directory,
-                _unwrap(model).state_dict(),
+                plan.weights(_unwrap(model)),
                 config,
                 tokenizer,
                 hyperparameters,
-                training_state=_training_state(optimizer, state, seed),
+                training_state={**_training_state(optimizer, state, seed), **plan.resume_state(_unwrap(model))},
             )
         fabric.barrier()
 
     def validate(max_iters: int | None) -> float:
         return validation_loss(fabric, model, val_data, micro, max_iters)
 
+    sample_prompt = _sample_prompt(log, tokenizer, val_data)
+
+    def write_sample() -> None:
+        if sample_prompt is not None and fabric.global_rank == 0:
+            _sample(_unwrap(model), tokenizer, sample_prompt, log.sample_tokens, seed)
+            model.train()
+
     # ---- the loop
+    val_loss = float("nan")
     fabric.print(
-        f"Training {train.limits()} ({total_steps or '?'} steps of {tokens_per_step:,} tokens; "
+        f"Training {train.limits()} ({total_steps or '?'} steps of {global_batch} x {seq_len} tokens; "
         f"{steps_per_epoch} steps per epoch; micro batch {micro} x {accum} accumulation x {world} devices)"
     )
     if eval.initial_validation:
-        fabric.print(f"step {state['step']}: val loss {validate(eval.max_iters):.4f}")
+        val_loss = validate(eval.max_iters)
+        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["step"])
+        fabric.print(f"step {state['step']}: val loss {val_loss:.4f} (before training)")
     throughput = Throughput()
     first_step_logged = False
     progress = _progress(fabric, log, total_steps, state["step"])
-    val_loss = float("nan")
     exit_code = 0
     with StopSignal() as stop:
         while not _done(state, train, total_steps, throughput):
@@ -233,8 +249,10 @@ def fit(
             lr = lr_at(state["step"], optimizer_args, train.lr_warmup_steps, total_steps)
             set_lr(optimizer, lr)
             loss_sum = torch.zeros((), device=fabric.device)
+            counts = torch.zeros(2, dtype=torch.long)  # (tokens, loss tokens) of this step on this rank
             for micro_step in range(accum):
                 batch = collate(train_data, batch_indices[micro_step * world + fabric.global_rank])
+                counts += torch.stack([torch.tensor(batch["input_ids"].numel()), (batch["labels"] != -100).sum()])
                 batch = {k: v.to(fabric.device) for k, v in batch.items()}
                 with fabric.no_backward_sync(model, enabled=micro_step < accum - 1):
                     # fabric.autocast: on one device Fabric does not route marked methods through forward
@@ -255,10 +273,13 @@ def fit(
                 fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                counts = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").cpu()
             state["step"] += 1
             state["epoch_step"] += 1
-            state["tokens"] += tokens_per_step
-            throughput.tokens += tokens_per_step
+            state["tokens"] += int(counts[0])
+            state["loss_tokens"] += int(counts[1])
+            throughput.tokens += int(counts[0])
             if state["epoch_step"] >= steps_per_epoch:
                 state["epoch"] += 1
                 state["epoch_step"] = 0
@@ -272,6 +293,7 @@ def fit(
                     "train_loss": train_loss,
                     "lr": lr,
                     "tokens": state["tokens"],
+                    "loss_tokens": state["loss_tokens"],
                     "epoch": state["epoch"],
                     "tokens_per_sec": throughput.tokens_per_sec,
                 }
@@ -283,6 +305,8 @@ def fit(
                     {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "tokens": state["tokens"]}, step=state["step"]
                 )
                 progress.write(f"step {state['step']}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
+                if log.sample_at_validation and state["step"] != total_steps:  # the final sample follows
+                    write_sample()
             progress.update(1)
             if train.save_interval and state["step"] % train.save_interval == 0:
                 save(out_dir / ckpt.step_dir_name(state["step"]))
@@ -306,34 +330,34 @@ def fit(
     save(out_dir / "final")
     _summary(fabric, _unwrap(model), throughput, elapsed, seq_len, val_loss, state, out_dir)
     fabric.logger.finalize("success")
-    if log.sample_prompt is not None and fabric.global_rank == 0:
-        _sample(_unwrap(model), tokenizer, log, seed)
+    write_sample()
     return 0
 
 
 @torch.no_grad()
 def validation_loss(fabric, model, val_data, micro_batch_size: int, max_iters: int | None) -> float:
-    """Mean token loss over the first validation windows (all of them if max_iters is None),
-    split over ranks and reduced: the same number `litattn evaluate` reports."""
+    """Mean loss per target token (labels != -100) over the first validation sequences (all of them if
+    max_iters is None), split over ranks and reduced: the same number `litattn evaluate` reports.
+    For pretraining windows every position has a target, so this is also the mean of window means."""
     model.eval()
     n = len(val_data)
     if max_iters is not None:
         n = min(n, max_iters * micro_batch_size * fabric.world_size)
-    total = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # (sum of window losses, windows)
+    total = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # (sum of token losses, target tokens)
     mine = torch.arange(fabric.global_rank, n, fabric.world_size)
     for chunk in mine.split(micro_batch_size):
         batch = {k: v.to(fabric.device) for k, v in collate(val_data, chunk).items()}
         idx, labels = batch.pop("input_ids"), batch.pop("labels")
         logits = model(idx, **batch).float()
-        per_window = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        ).mean(dim=1)
-        total += torch.stack([per_window.sum().double(), torch.tensor(len(chunk), dtype=torch.float64)]).to(
-            total.device
+        loss_sum = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
         )
+        total += torch.stack([loss_sum.double(), (labels != -100).sum().double()])
     total = fabric.all_reduce(total, reduce_op="sum")
     model.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+    if total[1] == 0:
+        raise ValueError("The validation data has no target token (every label is -100); check the data module")
+    return (total[0] / total[1]).item()
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -366,14 +390,14 @@ def _training_state(optimizer, state: dict, seed: int) -> dict:
     return {**state, "seed": seed, "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state()}
 
 
-def _load_resumable(fabric, directory: Path, model, optimizer, state: dict) -> None:
+def _load_resumable(plan: TrainingPlan, directory: Path, model, optimizer, state: dict) -> None:
     from litattn import checkpoint as ckpt
 
-    _unwrap(model).load_state_dict(ckpt.load_state_dict(directory / "model.safetensors"))
     saved = ckpt.load_training_state(directory)
+    plan.restore(model, directory, saved)
     optimizer.load_state_dict(saved["optimizer"])
     for key in state:
-        state[key] = saved[key]
+        state[key] = saved.get(key, state[key])
     ckpt.set_rng_state(saved["rng"])
 
 
@@ -454,14 +478,28 @@ def _summary(
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
 
 
-def _sample(model, tokenizer, log: LogArgs, seed: int) -> None:
+def _sample_prompt(log: LogArgs, tokenizer, val_data) -> list[int] | None:
+    """The sample's prompt ids: log.sample_prompt, else the first validation example's prompt for instruction
+    data (whose items have one), else none."""
+    if log.sample_prompt is not None:
+        return tokenizer.encode(log.sample_prompt)
+    if hasattr(val_data, "prompt_ids"):
+        return val_data.prompt_ids(0)
+    return None
+
+
+def _sample(model, tokenizer, prompt_ids: list[int], max_tokens: int, seed: int) -> None:
     from litattn.generate import generate
 
-    prompt = torch.tensor(tokenizer.encode(log.sample_prompt), device=model.lm_head.weight.device)
+    max_tokens = min(max_tokens, model.max_seq_length - len(prompt_ids))
+    if max_tokens < 1:
+        print(f"(no sample: the {len(prompt_ids)}-token prompt fills the model's context)")
+        return
+    prompt = torch.tensor(prompt_ids, device=model.lm_head.weight.device)
     generator = torch.Generator(device=prompt.device).manual_seed(seed)
-    print(f"\n--- sample ({log.sample_tokens} tokens) ---\n{log.sample_prompt}", end="", flush=True)
+    print(f"\n--- sample ({max_tokens} tokens) ---\n{tokenizer.decode(prompt_ids)}", end="", flush=True)
     out = generate(
-        model.eval(), prompt, log.sample_tokens, temperature=0.8, top_k=50, eos_id=tokenizer.eos_id, generator=generator
+        model.eval(), prompt, max_tokens, temperature=0.8, top_k=50, eos_id=tokenizer.eos_id, generator=generator
     )
     print(tokenizer.decode(out[len(prompt) :].tolist()) + "\n---")
 

@@ -96,4 +96,3 @@ def test_a_misspelt_variant_key_fails_before_any_run(tmp_path):
             seeds=[1],
             out_dir=tmp_path,
         )
-

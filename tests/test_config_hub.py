@@ -7,7 +7,8 @@ import pytest
 from litattn.__main__ import main
 
 HUB = Path(__file__).resolve().parents[1] / "config_hub"
-ENTRY_POINT = {"pretrain": "pretrain", "ablations": "ablate"}  # config_hub/<folder> -> subcommand
+# config_hub/<folder> -> subcommand
+ENTRY_POINT = {"pretrain": "pretrain", "finetune": "finetune", "ablations": "ablate"}
 
 
 @pytest.mark.parametrize("path", sorted(p for p in HUB.rglob("*.yaml") if p.parent.name in ENTRY_POINT), ids=str)

@@ -158,6 +158,11 @@ class InstructionDataset(Dataset):
         labels[: max(int(self.prompt_lens[i]) - 1, 0)] = IGNORE_INDEX  # positions whose target is still prompt
         return {"input_ids": input_ids, "labels": labels}
 
+    def prompt_ids(self, i: int) -> list[int]:
+        """Example i's prompt: what a model is given to answer it (the training loop's sample)."""
+        start = int(self.offsets[i])
+        return self.ids[start : start + int(self.prompt_lens[i])].tolist()
+
     @property
     def n_tokens(self) -> int:
         return len(self.ids)

@@ -1,0 +1,1 @@
+"""Finetuning entry point (installed as `litattn.finetune`; run as `litattn finetune`)."""

@@ -1,0 +1,110 @@
+"""`litattn finetune`: continue training a checkpoint on instruction data, fully, with SSA only, or with LoRA.
+
+    litattn finetune --config config_hub/finetune/pydoc-ssa.yaml
+    litattn finetune --checkpoint_dir out/pretrain/quickstart/final --method lora --data AlpacaJSON \\
+        --data.train_file my_data.json
+
+The attention may change at this point (`--model.attention.name ssa`): the checkpoint's weights load into
+the new mechanism's model and its own parameters start from their init (`identity_init: true` starts from
+exactly the checkpoint's function). The loop is pretraining's (pretrain/pretrain.py `fit`): resume,
+atomic checkpoints, epochs, validation; here each validation also prints the answer the model now gives
+to the first validation question.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+from litattn import checkpoint as ckpt
+from litattn.args import EvalArgs, LogArgs, LoRAArgs, OptimizerArgs, TrainArgs
+from litattn.data import DataModule, PyDocQA
+from litattn.data.instructions import InstructionData, format_prompt
+from litattn.finetune.methods import Method, make_plan
+from litattn.pretrain.pretrain import _hyperparameters, fit, launch_fabric
+
+
+def setup(
+    checkpoint_dir: Path,
+    method: Method = "ssa",
+    model: dict[str, Any] | None = None,
+    out_dir: Path = Path("out/finetune"),
+    data: DataModule | None = None,
+    resume: bool | Literal["auto"] | Path = False,
+    train: TrainArgs = TrainArgs(
+        global_batch_size=16, micro_batch_size=4, epochs=1, lr_warmup_steps=10, save_interval=100, log_interval=10
+    ),
+    eval: EvalArgs = EvalArgs(interval=50, max_iters=None, initial_validation=True),
+    optimizer: OptimizerArgs = OptimizerArgs(lr=1e-4, min_lr=1e-5, weight_decay=0.0),
+    lora: LoRAArgs = LoRAArgs(),
+    log: LogArgs = LogArgs(sample_prompt=None, sample_tokens=60, sample_at_validation=True),
+    precision: str = "32-true",
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    compile: bool = False,
+    seed: int = 42,
+    cache_dir: Path = Path("cache"),
+) -> None:
+    """Finetune a checkpoint.
+
+    Args:
+        checkpoint_dir: The checkpoint to start from (litattn, converted from Hugging Face, or litgpt); its
+            tokenizer is used.
+        method: full (every parameter), ssa (only the attention mechanism's own parameters) or lora
+            (adapters + the mechanism's parameters, merged into the saved weights).
+        model: Overrides of the checkpoint's config, e.g. `{attention: {name: ssa, identity_init: true}}`.
+        out_dir: Directory for checkpoints (`step-XXXXXXXX/`, `final/`) and logs.
+        data: Instruction data module; default: PyDocQA (questions on the standard library, answered from its
+            docstrings). AlpacaJSON reads your own JSON/JSONL file.
+        resume: Continue a run: `auto` (the newest checkpoint in out_dir, if any) or a checkpoint path.
+        train: Batch sizes, stopping limits and checkpointing; max_seq_length (default: the model's block_size)
+            is the length examples are truncated to.
+        eval: Validation schedule (initial_validation gives the checkpoint's own loss, before finetuning).
+        optimizer: AdamW and LR schedule; mechanism_lr gives the mechanism's parameters their own LR.
+        lora: Rank, scale, dropout and target layers of the adapters (method=lora).
+        log: Logging, progress and samples; sample_prompt is an instruction (it is put in the prompt
+            template); default: the first validation question.
+        precision: 32-true, bf16-mixed, bf16-true (16-mixed on CUDA).
+        accelerator: cpu, cuda, or auto.
+        devices: Devices per node (or "auto").
+        num_nodes: Number of nodes.
+        strategy: auto, ddp or fsdp.
+        compile: torch.compile each transformer block.
+        seed: Seed for data order and the adapters' init.
+        cache_dir: Where tokenized examples are cached.
+    """
+    hyperparameters = _hyperparameters(dict(locals()))
+    config = ckpt.load_config(checkpoint_dir, **(model or {}))
+    if not any((Path(checkpoint_dir) / name).is_file() for name in ckpt.TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{checkpoint_dir} has no tokenizer (tokenizer.json or tokenizer.model); finetuning uses the "
+            "checkpoint's own tokenizer: copy the one it was trained with into the directory"
+        )
+    data = PyDocQA() if data is None else data
+    if log.sample_prompt is not None and isinstance(data, InstructionData):
+        log = replace(log, sample_prompt=format_prompt(log.sample_prompt))
+    plan = make_plan(method, config, Path(checkpoint_dir), lora)
+
+    fabric = launch_fabric(out_dir, log, precision, accelerator, devices, num_nodes, strategy, seed)
+    code = fit(
+        fabric,
+        plan,
+        data,
+        out_dir,
+        Path(checkpoint_dir),
+        resume,
+        train,
+        eval,
+        optimizer,
+        log,
+        compile,
+        seed,
+        cache_dir,
+        hyperparameters,
+    )
+    if code:
+        sys.exit(code)
