@@ -141,6 +141,7 @@ class IncrementalDecoder:
 def main(
     checkpoint_dir: Path,
     prompt: str = "def ",
+    instruction: str | None = None,
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     top_k: int | None = 50,
@@ -153,6 +154,8 @@ def main(
     Args:
         checkpoint_dir: A checkpoint directory (model.safetensors, model_config.yaml, tokenizer).
         prompt: Text to continue.
+        instruction: Ask a finetuned model: this instruction, in the prompt template of `litattn finetune`,
+            replaces `prompt`.
         max_new_tokens: Most tokens to generate (fewer if the end-of-sequence token comes first).
         temperature: Softmax temperature; 0 picks the most likely token (greedy).
         top_k: Sample among the k most likely tokens only (None: all).
@@ -165,7 +168,10 @@ def main(
         The generated text (without the prompt).
     """
     from litattn.checkpoint import load_with_tokenizer
+    from litattn.data.instructions import format_prompt
 
+    if instruction is not None:
+        prompt = format_prompt(instruction)
     model, tokenizer, _ = load_with_tokenizer(checkpoint_dir, attention=attention)
     device = model.lm_head.weight.device
     model.eval()

@@ -1,6 +1,9 @@
 """Benchmark every registered attention mechanism against `causal`: time and peak memory per sequence length.
 
     python scripts/bench_attention.py [--lengths 512,2048,8192] [--repeats 5] [--batch_size 1] [--dtype float32]
+        [--mechanisms causal,ssa] [--variant 'ssa-position={"name": "ssa", "token_temperature": false}']
+
+`--variant LABEL=SPEC` (repeatable) adds a row for an attention spec with options, as YAML/JSON.
 
 What runs, for each mechanism (`available_attention()`, without the tests' `test_*` ones) and length T:
 - attn fwd, attn fwd+bwd: the mechanism alone, `mechanism(q, k, v, ctx)` (RoPE, mask, kernel) on random
@@ -46,14 +49,14 @@ HEADERS = {"fwd": "attn fwd", "fwd_bwd": "attn fwd+bwd", "step": "train step"}
 
 
 # ---------------------------------------------------------------------------------- what is run
-def build(name: str, T: int, batch_size: int, dtype: torch.dtype, device: torch.device) -> dict[str, Callable | str]:
-    """The three runs of one mechanism at length T: kind -> a no-argument callable, or the reason it is skipped."""
+def build(spec: dict, T: int, batch_size: int, dtype: torch.dtype, device: torch.device) -> dict[str, Callable | str]:
+    """The three runs of one attention spec at length T: kind -> a no-argument callable, or why it is skipped."""
     from litattn.attention import AttentionContext
     from litattn.attention.registry import split_spec
     from litattn.config import Config
     from litattn.model import GPT, RoPE
 
-    config = Config.from_name("quickstart", n_layer=2, block_size=T, attention={"name": name})
+    config = Config.from_name("quickstart", n_layer=2, block_size=T, attention=spec)
     cls, options = split_spec(config.attention)
     mech = cls(config, 0, options)
     mech.reset_parameters()
@@ -95,7 +98,10 @@ def build(name: str, T: int, batch_size: int, dtype: torch.dtype, device: torch.
     return {**runs, "fwd_bwd": fwd_bwd, "step": step}
 
 
-def mechanisms(requested: str | None) -> list[str]:
+def mechanisms(requested: str | None, variants: list[str]) -> dict[str, dict]:
+    """Row label -> attention spec: causal first (the baseline), then the requested mechanisms, then variants."""
+    import yaml
+
     from litattn.attention import available_attention
 
     names = [n for n in available_attention() if not n.startswith("test_")]
@@ -105,7 +111,14 @@ def mechanisms(requested: str | None) -> list[str]:
         if unknown:
             raise SystemExit(f"Unknown mechanism(s) {unknown}; registered: {', '.join(names)}")
         names = wanted
-    return ["causal"] + [n for n in names if n != "causal"]  # the baseline first
+    specs = {n: {"name": n} for n in ["causal"] + [n for n in names if n != "causal"]}
+    for variant in variants:
+        label, sep, text = variant.partition("=")
+        spec = yaml.safe_load(text) if sep else None
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise SystemExit(f"--variant {variant!r}: expected LABEL={{name: ..., option: value}}")
+        specs[label] = spec
+    return specs
 
 
 def _sync(device: torch.device) -> None:
@@ -125,12 +138,12 @@ def _try(fn: Callable) -> str | None:
 
 
 # ---------------------------------------------------------------------------------- timing
-def time_length(names: list[str], T: int, args, device: torch.device) -> tuple[dict, dict]:
-    """{(name, kind): median seconds} and {(name, kind): skip note} for one length."""
+def time_length(specs: dict[str, dict], T: int, args, device: torch.device) -> tuple[dict, dict]:
+    """{(label, kind): median seconds} and {(label, kind): skip note} for one length."""
     runs, notes = {}, {}
-    for name in names:
+    for name, spec in specs.items():
         built: dict = {}
-        error = _try(lambda name=name, built=built: built.update(build(name, T, args.batch_size, args.dtype, device)))
+        error = _try(lambda spec=spec, built=built: built.update(build(spec, T, args.batch_size, args.dtype, device)))
         for kind in KINDS:
             run = built.get(kind, error)
             if not callable(run):
@@ -153,22 +166,22 @@ def time_length(names: list[str], T: int, args, device: torch.device) -> tuple[d
 
 
 # ---------------------------------------------------------------------------------- memory
-def memory_length(names: list[str], T: int, args, device: torch.device) -> dict:
-    """{(name, kind): peak bytes} for one length (CUDA in this process; CPU in one fresh process per mechanism)."""
+def memory_length(specs: dict[str, dict], T: int, args, device: torch.device) -> dict:
+    """{(label, kind): peak bytes} for one length (CUDA in this process; CPU in one fresh process per spec)."""
     peaks = {}
-    for name in names:
+    for name, spec in specs.items():
         if device.type == "cuda":
-            result = measure_memory(name, T, args.batch_size, args.dtype, device)
+            result = measure_memory(spec, T, args.batch_size, args.dtype, device)
         else:
-            result = _memory_subprocess(name, T, args)
+            result = _memory_subprocess(name, spec, T, args)
         peaks.update({(name, kind): b for kind, b in result.items() if b is not None})
     return peaks
 
 
-def measure_memory(name: str, T: int, batch_size: int, dtype: torch.dtype, device: torch.device) -> dict:
+def measure_memory(spec: dict, T: int, batch_size: int, dtype: torch.dtype, device: torch.device) -> dict:
     """kind -> bytes one run needs above what existed before it (None if it cannot run)."""
     built: dict = {}
-    if _try(lambda: built.update(build(name, T, batch_size, dtype, device))) is not None:
+    if _try(lambda: built.update(build(spec, T, batch_size, dtype, device))) is not None:
         return dict.fromkeys(KINDS)
     out = {}
     for kind in KINDS:
@@ -199,8 +212,9 @@ def _proc_status(key: str) -> int:
         return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
 
 
-def _memory_subprocess(name: str, T: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--_memory", name, "--lengths", str(T), "--batch_size", str(args.batch_size)]
+def _memory_subprocess(name: str, spec: dict, T: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--_memory", json.dumps(spec), "--lengths", str(T)]
+    cmd += ["--batch_size", str(args.batch_size)]
     cmd += ["--dtype", str(args.dtype).removeprefix("torch.")]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # fixed: large tensors are unmapped when freed
@@ -243,6 +257,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--mechanisms", default=None, help="comma-separated names (default: all registered)")
+    parser.add_argument(
+        "--variant", action="append", default=[], help="LABEL=SPEC: one more row, e.g. 'ssa-pos={name: ssa, ...}'"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)  # internal: one memory measurement
     args = parser.parse_args()
@@ -253,18 +270,19 @@ def main() -> None:
     lengths = [int(n) for n in args.lengths.split(",")]
 
     if args._memory:
-        print(json.dumps(measure_memory(args._memory, lengths[0], args.batch_size, args.dtype, device)))
+        print(json.dumps(measure_memory(json.loads(args._memory), lengths[0], args.batch_size, args.dtype, device)))
         return
 
-    names = mechanisms(args.mechanisms)
+    specs = mechanisms(args.mechanisms, args.variant)
+    names = list(specs)
     print(
         f"{device.type}, {args.dtype}, batch {args.batch_size}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; median of {args.repeats} after warmup; ratios to causal"
     )
     all_notes: dict = {}
     for T in lengths:
-        times, notes = time_length(names, T, args, device)
-        peaks = memory_length(names, T, args, device)
+        times, notes = time_length(specs, T, args, device)
+        peaks = memory_length(specs, T, args, device)
         print("\n" + report(T, names, times, peaks, notes), flush=True)
         all_notes.update({(name, kind, T): note for (name, kind), note in notes.items()})
         gc.collect()

@@ -229,3 +229,34 @@ def test_finetune_cli_errors_are_one_line(tmp_path, base, capsys):
     with pytest.raises(SystemExit) as e:
         main(["finetune", "--checkpoint_dir", str(no_tokenizer), "--accelerator", "cpu"])
     assert e.value.code == 2 and "no tokenizer" in capsys.readouterr().err
+
+
+def test_a_converted_hugging_face_model_finetunes_with_ssa(tmp_path, base, examples):
+    """The issue's use end to end: a Hugging Face GPT-NeoX checkpoint -> litattn -> SSA finetuning."""
+    transformers = pytest.importorskip("transformers")
+    from litattn.convert import from_hf
+
+    hf = tmp_path / "hf"
+    config = transformers.GPTNeoXConfig(
+        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=128, rotary_pct=0.25,
+    )  # fmt: skip
+    transformers.GPTNeoXForCausalLM(config).save_pretrained(hf)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (base / name).is_file():
+            shutil.copy(base / name, hf / name)
+    converted = from_hf(hf, tmp_path / "lit")
+    out = finetune(tmp_path, converted, examples)
+    before, after = weights(converted), weights(out / "final")
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert sorted(metrics(out, "val_loss")) == [0, 3, 6]
+
+
+def test_generate_instruction_uses_the_finetuning_prompt_template(base):
+    from litattn.data.instructions import format_prompt
+    from litattn.generate import main as generate
+
+    question = "Add 3 and 4."
+    asked = generate(base, instruction=question, max_new_tokens=8, seed=3)
+    assert asked == generate(base, prompt=format_prompt(question), max_new_tokens=8, seed=3)
+    assert asked != generate(base, prompt=question, max_new_tokens=8, seed=3)
