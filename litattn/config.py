@@ -289,11 +289,22 @@ def merge_overrides(*layers: dict[str, Any]) -> dict[str, Any]:
 
 
 def _expand_dotted(values: dict[str, Any]) -> dict[str, Any]:
+    """Nest dotted keys; `{"attention.name": "ssa", "attention": {"beta_init": 2.0}}` (what a command line
+    with `--model.attention.name ssa --model.attention.beta_init 2.0` can give) becomes one mapping."""
     out: dict[str, Any] = {}
     for key, value in values.items():
         *parents, leaf = key.split(".")
         node = out
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = _expand_dotted(value) if isinstance(value, dict) else value
+        value = _expand_dotted(value) if isinstance(value, dict) else value
+        merge = isinstance(value, dict) and isinstance(node.get(leaf), dict)
+        node[leaf] = _union(node[leaf], value) if merge else value
+    return out
+
+
+def _union(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _union(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out

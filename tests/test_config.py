@@ -68,3 +68,18 @@ def test_resolve_model_config_merges_attention_overrides():
     assert resolve_model_config("tiny-llama", {"n_layer": 3}).n_layer == 3
     with pytest.raises(ValueError, match="Unknown model preset"):
         resolve_model_config("gpt-5")
+
+
+@pytest.mark.parametrize("dotted_first", [True, False])
+def test_dotted_and_nested_overrides_of_one_mapping_combine(dotted_first):
+    """`--model.attention.name ssa --model.attention.identity_init true` reaches the entry point as a dotted and a
+    nested key of the same mapping, in either order."""
+    from litattn.config import resolve_model_config
+
+    parts = [
+        ("attention.name", "ssa"),
+        ("attention", {"identity_init": True, "base": {"name": "causal", "kernel": "sdpa"}}),
+    ]
+    config = resolve_model_config("tiny-llama", dict(parts if dotted_first else parts[::-1]))
+    assert config.attention["name"] == "ssa" and config.attention["identity_init"] is True
+    assert config.attention["base"]["kernel"] == "sdpa"
