@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from litattn.attention import AttentionMechanism, AttentionOptions, masks, register_attention
 
 
 def naive_attention(q, k, v, mask=None, scale=None):
@@ -39,3 +42,24 @@ def naive_rope(x, positions, n_elem, base):
             out[..., t, i] = a * math.cos(theta) - b * math.sin(theta)
             out[..., t, i + half] = b * math.cos(theta) + a * math.sin(theta)
     return out.to(x.dtype)
+
+
+# ------------------------------------------------------------- a mechanism for override tests
+@dataclass
+class WindowOptions(AttentionOptions):
+    window: int = 8
+
+
+@register_attention("test_window")
+class WindowAttention(AttentionMechanism):
+    """Sliding-window causal attention that claims 4x the trained context (a test mechanism: evaluate and
+    visualize tests run a checkpoint with it as an attention override)."""
+
+    Options = WindowOptions
+
+    @classmethod
+    def max_seq_length(cls, config, options):
+        return 4 * config.block_size
+
+    def mask_mod(self, ctx):
+        return masks.sliding_window(ctx.positions, self.options.window)

@@ -2,7 +2,6 @@ import csv
 import json
 import shutil
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import reference  # noqa: F401 (registers test_window)
 from litattn import checkpoint as ckpt
 from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs
-from litattn.attention import AttentionMechanism, AttentionOptions, masks, register_attention
 from litattn.data import TextFiles
 from litattn.evaluate import perplexity
 from litattn.pretrain.pretrain import setup
@@ -127,28 +126,9 @@ def test_several_lengths_match_a_naive_loop_and_too_long_is_an_error_row(run, tm
 
 
 # ------------------------------------------------------------- attention override
-@dataclass
-class WindowOptions(AttentionOptions):
-    window: int = 8
-
-
-@register_attention("test_eval_window")
-class LongWindow(AttentionMechanism):
-    """Sliding-window causal attention that claims 4x the trained context (a test mechanism)."""
-
-    Options = WindowOptions
-
-    @classmethod
-    def max_seq_length(cls, config, options):
-        return 4 * config.block_size
-
-    def mask_mod(self, ctx):
-        return masks.sliding_window(ctx.positions, self.options.window)
-
-
 def test_attention_override_is_used_and_its_max_length_applies(run):
     final = run / "out" / "final"
-    spec = {"name": "test_eval_window", "window": 8}
+    spec = {"name": "test_window", "window": 8}
     lengths = [SEQ_LEN, 2 * SEQ_LEN]  # 2 x block_size: beyond causal, within the override's reach
     result = perplexity(
         final,
@@ -159,7 +139,7 @@ def test_attention_override_is_used_and_its_max_length_applies(run):
         attention=spec,
         cache_dir=run / "cache",
     )
-    assert result["attention"] == {"name": "test_eval_window", "kernel": "auto", "window": 8}
+    assert result["attention"] == {"name": "test_window", "kernel": "auto", "window": 8}
     model, _, _ = ckpt.load(final, attention=spec)
     tokens = _val_tokens(run)
     for row, length in zip(result["results"], lengths, strict=True):

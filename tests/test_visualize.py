@@ -1,14 +1,14 @@
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import reference  # noqa: F401 (registers test_window)
 from litattn import GPT, Config, visualize
 from litattn import checkpoint as ckpt
-from litattn.attention import AttentionMechanism, AttentionOptions, masks, register_attention
+from litattn.attention import AttentionMechanism, register_attention
 from litattn.attention.kernels import attend
 from litattn.tokenizer import Tokenizer
 from litattn.visualize import attention, select_maps, token_label
@@ -132,21 +132,6 @@ def test_token_labels_are_readable():
 
 
 # ------------------------------------------------------------- attention override
-@dataclass
-class WindowOptions(AttentionOptions):
-    window: int = 4
-
-
-@register_attention("test_vis_window")
-class Window(AttentionMechanism):
-    """Sliding-window causal attention (a test mechanism)."""
-
-    Options = WindowOptions
-
-    def mask_mod(self, ctx):
-        return masks.sliding_window(ctx.positions, self.options.window)
-
-
 @register_attention("test_vis_silent")
 class Silent(AttentionMechanism):
     """Causal attention that never reports its maps (a test mechanism)."""
@@ -156,7 +141,7 @@ class Silent(AttentionMechanism):
 
 
 def test_attention_spec_override_draws_that_mechanism(checkpoint_dir, tmp_path, figures):
-    spec = {"name": "test_vis_window", "window": 4}
+    spec = {"name": "test_window", "window": 4}
     attention(checkpoint_dir, PROMPT, out_file=tmp_path / "w.png", layers=[0], heads=[1], attention_spec=spec)
     (fig,) = figures
     drawn = _drawn(fig)[0, 0]
@@ -164,6 +149,6 @@ def test_attention_spec_override_draws_that_mechanism(checkpoint_dir, tmp_path, 
     i, j = np.indices((T, T))
     assert np.all(drawn[(j > i) | (i - j >= 4)] == 0) and np.all(drawn[(j <= i) & (i - j < 4)] > 0)
     np.testing.assert_allclose(drawn.sum(-1), 1, atol=1e-5)
-    assert fig.get_suptitle().startswith("test_vis_window(window=4) attention")
+    assert fig.get_suptitle().startswith("test_window(window=4) attention")
     with pytest.raises(RuntimeError, match="reported maps for 0 of 2 layers"):
         attention(checkpoint_dir, PROMPT, out_file=tmp_path / "s.png", attention_spec={"name": "test_vis_silent"})
