@@ -48,7 +48,7 @@ class EvalArgs:
     interval: int = 100
     """Validate every this many optimizer steps."""
     max_iters: int | None = 50
-    """Micro-batches per validation run (None: the whole validation set)."""
+    """Micro-batches per validation run, spread evenly over the validation set (None: all of it)."""
     initial_validation: bool = False
     """Validate before the first step (the untrained baseline)."""
     final_validation: bool = True

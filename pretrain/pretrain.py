@@ -336,15 +336,19 @@ def fit(
 
 @torch.no_grad()
 def validation_loss(fabric, model, val_data, micro_batch_size: int, max_iters: int | None) -> float:
-    """Mean loss per target token (labels != -100) over the first validation sequences (all of them if
-    max_iters is None), split over ranks and reduced: the same number `litattn evaluate` reports.
-    For pretraining windows every position has a target, so this is also the mean of window means."""
+    """Mean loss per target token (labels != -100) over the validation sequences, split over ranks and
+    reduced: the same number `litattn evaluate` reports. For pretraining windows every position has a
+    target, so this is also the mean of window means.
+
+    max_iters limits the work to max_iters micro-batches per rank, taken evenly spaced over the whole split
+    (its first windows are one file, or one module's questions: no sample of the rest); None: every sequence.
+    """
     model.eval()
-    n = len(val_data)
-    if max_iters is not None:
-        n = min(n, max_iters * micro_batch_size * fabric.world_size)
+    n_all = len(val_data)
+    n = n_all if max_iters is None else min(n_all, max_iters * micro_batch_size * fabric.world_size)
+    chosen = torch.linspace(0, n_all - 1, n).round().long() if n < n_all else torch.arange(n_all)
     total = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # (sum of token losses, target tokens)
-    mine = torch.arange(fabric.global_rank, n, fabric.world_size)
+    mine = chosen[fabric.global_rank :: fabric.world_size]
     for chunk in mine.split(micro_batch_size):
         batch = {k: v.to(fabric.device) for k, v in collate(val_data, chunk).items()}
         idx, labels = batch.pop("input_ids"), batch.pop("labels")

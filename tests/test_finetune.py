@@ -202,6 +202,29 @@ def test_validation_loss_is_the_mean_over_target_tokens():
     )
 
 
+def test_limited_validation_reads_windows_spread_over_the_whole_split():
+    from lightning_fabric import Fabric
+
+    from litattn.pretrain.pretrain import validation_loss
+
+    class Recorded(torch.utils.data.Dataset):
+        def __init__(self):
+            self.read = []
+
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, i):
+            self.read.append(i)
+            ids = torch.arange(8) + i % 50
+            return {"input_ids": ids, "labels": ids + 1}
+
+    data = Recorded()
+    model = GPT(resolve_model_config("tiny-llama", {"block_size": 8, "vocab_size": 64}))
+    validation_loss(Fabric(accelerator="cpu", devices=1), model, data, micro_batch_size=2, max_iters=5)
+    assert data.read == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
+
+
 def test_collate_trims_trailing_padding_without_changing_the_loss():
     config = resolve_model_config("tiny-llama", {"block_size": 64, "vocab_size": 64})
     model = GPT(config)
