@@ -6,7 +6,7 @@ The number is the training loop's own validation (`validation_loss` of pretrain/
 per target token), computed by that same function, so evaluating a run's final
 checkpoint on its data reproduces the final `val_loss` it logged. Each length reads non-overlapping windows
 of that many tokens from the same validation token file, so lengths differ only in how much context each
-prediction gets (and in the count of windows that fit).
+prediction gets (and in the count of windows that fit); `max_batches` takes windows evenly spaced over the file.
 """
 
 from __future__ import annotations

@@ -74,10 +74,13 @@ def _val_tokens(root: Path) -> np.ndarray:
 
 @torch.no_grad()
 def naive_loss(model, tokens: np.ndarray, length: int, n_windows: int) -> float:
-    """Mean over consecutive non-overlapping windows of each window's mean next-token loss, one window at a time."""
+    """Mean of each window's mean next-token loss, one window at a time, over n_windows of the non-overlapping
+    windows, evenly spaced from the first to the last (all of them if there are no more)."""
     model.eval()
     losses = []
-    for i in range(n_windows):
+    total = (len(tokens) - 1) // length
+    chosen = np.linspace(0, total - 1, n_windows).round().astype(int) if n_windows < total else range(total)
+    for i in chosen:
         chunk = torch.from_numpy(tokens[i * length : (i + 1) * length + 1])
         logits = model(chunk[:-1].view(1, -1))[0]
         losses.append(F.cross_entropy(logits.double(), chunk[1:]).item())
