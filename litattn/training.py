@@ -123,11 +123,18 @@ class StopSignal:
 
 # ---------------------------------------------------------------------------------- metrics
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (parameters used in matmuls) + 12 x L x d x T for attention
-    scores (the PaLM / nanoGPT convention; causal masking is not discounted)."""
-    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    """Training FLOPs per token: per matmul weight, 2 for the forward and 2 for the activations' gradient,
+    plus 2 for the weight's own gradient when it trains (6 x parameters when everything trains: the PaLM /
+    nanoGPT convention; 4 x for a frozen weight, as in SSA-only or LoRA finetuning), plus 12 x L x d x T
+    for attention scores (causal masking is not discounted; LoRA's small matmuls are not counted)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    trained = sum(w.numel() for w in weights if w.requires_grad)
     config = model.config
-    return 6 * matmul_params + 12 * config.n_layer * config.n_head * config.head_size * seq_len
+    return (
+        4 * sum(w.numel() for w in weights)
+        + 2 * trained
+        + 12 * config.n_layer * config.n_head * config.head_size * seq_len
+    )
 
 
 def peak_memory_bytes(device: torch.device) -> int:

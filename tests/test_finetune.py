@@ -283,3 +283,15 @@ def test_generate_instruction_uses_the_finetuning_prompt_template(base):
     asked = generate(base, instruction=question, max_new_tokens=8, seed=3)
     assert asked == generate(base, prompt=format_prompt(question), max_new_tokens=8, seed=3)
     assert asked != generate(base, prompt=question, max_new_tokens=8, seed=3)
+
+
+def test_flops_per_token_count_no_weight_gradients_for_frozen_weights():
+    from litattn.training import flops_per_token
+
+    config = resolve_model_config("tiny-gpt2", {"n_layer": 2})
+    model = GPT(config)
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = 12 * config.n_layer * config.n_embd * 64
+    assert flops_per_token(model, 64) == 6 * n + attention
+    model.requires_grad_(False)
+    assert flops_per_token(model, 64) == 4 * n + attention
