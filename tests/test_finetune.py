@@ -295,3 +295,36 @@ def test_flops_per_token_count_no_weight_gradients_for_frozen_weights():
     assert flops_per_token(model, 64) == 6 * n + attention
     model.requires_grad_(False)
     assert flops_per_token(model, 64) == 4 * n + attention
+
+
+def test_lora_on_two_ddp_processes_matches_one_process(tmp_path, base, examples):
+    """Frozen weights, adapters and SSA parameters under DDP (gloo): the same losses and merged weights."""
+    import os
+    import subprocess
+    import sys
+
+    def run(out: Path, devices: int):
+        args = [
+            "finetune", "--checkpoint_dir", str(base), "--method", "lora", "--model.attention.name", "ssa",
+            "--model.attention.identity_init", "true", "--data", "AlpacaJSON", "--data.train_file", str(examples),
+            "--data.val_fraction", "0.2", "--train.global_batch_size", "4", "--train.micro_batch_size", "2",
+            "--train.max_steps", "4", "--train.log_interval", "1", "--train.save_interval", "null",
+            "--eval.interval", "0", "--optimizer.lr", "0.02", "--log.progress_bar", "false", "--accelerator", "cpu",
+            "--devices", str(devices), "--strategy", "ddp" if devices > 1 else "auto", "--out_dir", str(out),
+            "--cache_dir", str(tmp_path / "cache"),
+        ]  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "litattn", *args], capture_output=True, text=True, timeout=300,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return out
+
+    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    a, b = metrics(one, "train_loss"), metrics(two, "train_loss")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-4)
+    assert metrics(two, "loss_tokens")[4] == metrics(one, "loss_tokens")[4]
+    for key, value in weights(one / "final").items():
+        torch.testing.assert_close(weights(two / "final")[key], value, atol=1e-5, rtol=0)
