@@ -16,15 +16,10 @@ from torch import Tensor
 
 from litattn.args import LoRAArgs
 from litattn.config import Config
-from litattn.model import GPT
+from litattn.model import GPT, is_mechanism_parameter
 from litattn.plan import TrainingPlan
-from litattn.training import MECHANISM_PARAMETER
 
 Method = Literal["full", "ssa", "lora"]
-
-
-def _is_mechanism(name: str) -> bool:
-    return MECHANISM_PARAMETER in f".{name}"
 
 
 def _train_only(model: GPT, keep) -> None:
@@ -32,21 +27,17 @@ def _train_only(model: GPT, keep) -> None:
         p.requires_grad_(keep(name))
 
 
-class FullFinetune(TrainingPlan):
-    """Every parameter trains (the default plan, started from the checkpoint)."""
-
-
 class SSAFinetune(TrainingPlan):
     """Only the attention mechanism's own parameters train; everything else is frozen."""
 
     def prepare(self, model: GPT) -> None:
-        if not any(_is_mechanism(name) for name, _ in model.named_parameters()):
+        if not any(is_mechanism_parameter(name) for name, _ in model.named_parameters()):
             raise ValueError(
                 f"method=ssa trains only the attention mechanism's own parameters, and "
                 f"{self.config.attention['name']!r} has none; switch the attention (--model.attention.name ssa) "
                 "or use method=full or method=lora"
             )
-        _train_only(model, _is_mechanism)
+        _train_only(model, is_mechanism_parameter)
 
 
 class LoRAFinetune(TrainingPlan):
@@ -60,9 +51,8 @@ class LoRAFinetune(TrainingPlan):
     def prepare(self, model: GPT) -> None:
         from litattn.lora import add_lora, is_lora_parameter
 
-        _train_only(model, _is_mechanism)
         add_lora(model, self.lora)
-        _train_only(model, lambda name: _is_mechanism(name) or is_lora_parameter(name))
+        _train_only(model, lambda name: is_mechanism_parameter(name) or is_lora_parameter(name))
 
     def weights(self, model: GPT) -> dict[str, Tensor]:
         from litattn.lora import merged_state_dict
@@ -95,8 +85,8 @@ class LoRAFinetune(TrainingPlan):
 
 
 def make_plan(method: Method, config: Config, checkpoint_dir: Path, lora: LoRAArgs) -> TrainingPlan:
-    if method == "full":
-        return FullFinetune(config, checkpoint_dir)
+    if method == "full":  # every parameter trains: pretraining's plan, started from the checkpoint
+        return TrainingPlan(config, checkpoint_dir)
     if method == "ssa":
         return SSAFinetune(config, checkpoint_dir)
     if method == "lora":

@@ -19,21 +19,28 @@ def attention_list() -> None:
         print(f"{name:<{width}}  {describe(get_attention(name))}")
 
 
-def model_list() -> None:
-    """List the model presets with their size and context length."""
+def model_list(attention: dict | None = None) -> None:
+    """List the model presets with their size and context length.
+
+    Args:
+        attention: Build them with this attention spec, e.g. `{name: ssa}`, and show the parameters it adds.
+    """
     import torch
 
     from litattn.config import PRESETS, Config
     from litattn.model import GPT
 
-    print(f"{'preset':<16} {'params':>10} {'layers':>6} {'n_embd':>6} {'heads':>5} {'kv':>3} {'context':>7}")
+    added = f" {'attention adds':>20}" if attention else ""
+    print(f"{'preset':<16} {'params':>10} {'layers':>6} {'n_embd':>6} {'heads':>5} {'kv':>3} {'context':>7}{added}")
     for name in PRESETS:
-        config = Config.from_name(name)
+        config = Config.from_name(name, **({"attention": attention} if attention else {}))
         with torch.device("meta"):
-            n = GPT(config).num_parameters()
+            model = GPT(config)
+        n, extra = model.num_parameters(), model.mechanism_parameters()
         print(
             f"{name:<16} {_human(n):>10} {config.n_layer:>6} {config.n_embd:>6} {config.n_head:>5} "
             f"{config.n_query_groups:>3} {config.block_size:>7}"
+            + (f" {f'{extra:,} ({extra / n:.3%})':>20}" if attention else "")
         )
 
 

@@ -248,9 +248,10 @@ def rng_state() -> dict[str, Any]:
     import numpy as np
 
     np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "python": [version, list(internal), gauss],
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -446,19 +447,21 @@ def _saved_dtype(state: dict[str, Tensor]) -> torch.dtype:
 
 
 def _load_weights(model: GPT, state: dict[str, Tensor], path: Path, attention_overridden: bool) -> None:
+    from litattn.model import is_mechanism_parameter
+
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if attention_overridden:  # another mechanism: its own parameters are new (init) or not needed
-        dropped = [k for k in unexpected if ".attn.mechanism." in k]
+        dropped = [k for k in unexpected if is_mechanism_parameter(k)]
         if dropped:
             warnings.warn(
                 f"Attention overridden: ignoring {len(dropped)} parameter(s) of the saved mechanism, "
                 f"e.g. {dropped[:3]}",
                 stacklevel=3,
             )
-        missing = [k for k in missing if ".attn.mechanism." not in k]
-        unexpected = [k for k in unexpected if ".attn.mechanism." not in k]
+        missing = [k for k in missing if not is_mechanism_parameter(k)]
+        unexpected = [k for k in unexpected if not is_mechanism_parameter(k)]
     if missing or unexpected:
         raise ValueError(
             f"{path} does not match model_config.yaml: missing keys {_short(missing)}, unexpected keys "
@@ -482,8 +485,13 @@ def _short(keys: list[str], n: int = 8) -> str:
     return "[]" if not keys else ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
+def has_tokenizer(checkpoint_dir: Path) -> bool:
+    """Whether the directory holds a tokenizer `Tokenizer` can load (tokenizer.json or tokenizer.model)."""
+    return any((Path(checkpoint_dir) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def _load_tokenizer(checkpoint_dir: Path, config: Config) -> Tokenizer | None:
-    if not any((checkpoint_dir / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(checkpoint_dir):
         return None
     from litattn.tokenizer import Tokenizer
 
@@ -596,6 +604,7 @@ __all__ = [
     "save_training_state",
     "load_training_state",
     "load_hyperparameters",
+    "has_tokenizer",
     "rng_state",
     "set_rng_state",
     "latest_checkpoint",

@@ -33,6 +33,16 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from litattn.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    _qkv_from_interleaved,
+    _short,
+    atomic_directory,
+    has_tokenizer,
+    load_state_dict,
+    save_checkpoint,
+)
 from litattn.config import Config
 
 ARCHITECTURES = {
@@ -100,7 +110,8 @@ _BUFFERS = {
     "llama": r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",
 }
 _BUFFERS["mistral"] = _BUFFERS["llama"]
-_GPT2_CONV1D = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")  # stored (in, out): transpose
+# GPT-2's Conv1D weights, stored (in, out): transposed both ways.
+_GPT2_CONV1D = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -141,7 +152,6 @@ class HFWeights:
     def __init__(self, checkpoint_dir: Path) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.files = self._find_files()
-        self._keys: dict[Path, list[str]] = {}
 
     def _find_files(self) -> list[Path]:
         d = self.checkpoint_dir
@@ -188,8 +198,6 @@ class HFWeights:
 
     @staticmethod
     def _load_bin(path: Path) -> dict[str, Tensor]:
-        from litattn.checkpoint import load_state_dict
-
         try:  # mmap: tensors are read from disk when used, not all at once
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # legacy (non-zip) format cannot be mapped; load_state_dict explains other failures
@@ -363,7 +371,6 @@ def from_hf(checkpoint_dir: Path, out_dir: Path, dtype: str | None = None) -> Pa
 
     dtype (e.g. "bfloat16") casts the floating-point weights; None keeps the dtype they were saved in.
     """
-    from litattn.checkpoint import save_checkpoint
     from litattn.tokenizer import Tokenizer
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
@@ -371,7 +378,7 @@ def from_hf(checkpoint_dir: Path, out_dir: Path, dtype: str | None = None) -> Pa
     torch_dtype = _parse_dtype(dtype)
     family, hf = read_hf_config(checkpoint_dir)
     tokenizer = None
-    if any((checkpoint_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+    if has_tokenizer(checkpoint_dir):
         tokenizer = Tokenizer(checkpoint_dir)
     else:
         warnings.warn(
@@ -417,11 +424,10 @@ def from_hf(checkpoint_dir: Path, out_dir: Path, dtype: str | None = None) -> Pa
 
 
 def _tensor_from_hf(family: str, lit: str, t: Tensor, config: Config) -> Tensor:
-    if family == "gpt2" and lit.endswith(".weight") and lit.removesuffix(".weight").endswith(_GPT2_CONV1D):
+    if family == "gpt2" and lit.endswith(_GPT2_CONV1D):
         return t.t().contiguous()
     if family == "gpt_neox" and ".attn.qkv." in lit:  # [q_h, k_h, v_h] per head -> [all q | all k | all v]
-        t = t.reshape(config.n_head, 3, config.head_size, *t.shape[1:])
-        return t.transpose(0, 1).reshape(3 * config.n_head * config.head_size, *t.shape[3:])
+        return _qkv_from_interleaved(t, config)  # NeoX: one query per group (n_query_groups == n_head)
     return t
 
 
@@ -575,7 +581,7 @@ def _tensors_to_hf(family: str, lit_key: str, t: Tensor, config: Config) -> list
         hs, nh, ng = config.head_size, config.n_head, config.n_query_groups
         parts = dict(zip("qkv", t.split((nh * hs, ng * hs, ng * hs)), strict=True))
         return [(hf, parts[part].clone()) for hf, part in names]
-    if family == "gpt2" and lit_key.endswith(".weight") and lit_key.removesuffix(".weight").endswith(_GPT2_CONV1D):
+    if family == "gpt2" and lit_key.endswith(_GPT2_CONV1D):
         t = t.t().contiguous()
     elif family == "gpt_neox" and ".attn.qkv." in lit_key:  # [all q | all k | all v] -> [q_h, k_h, v_h] per head
         t = t.reshape(3, config.n_head, config.head_size, *t.shape[1:])
@@ -590,8 +596,6 @@ def to_hf(checkpoint_dir: Path, out_dir: Path, max_shard_size: int | str = "5GB"
     Writes config.json, model.safetensors (or shards of at most max_shard_size plus an index, as
     save_pretrained does) and the tokenizer files, into a temp dir that is renamed into place.
     """
-    from litattn.checkpoint import CONFIG_FILE, atomic_directory
-
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     _check_distinct(checkpoint_dir, out_dir)
     config_path = checkpoint_dir / CONFIG_FILE
@@ -625,8 +629,6 @@ def _lit_tensors(checkpoint_dir: Path) -> tuple[Iterator[tuple[str, Tensor]], in
     """(key, tensor) pairs of model.safetensors read one at a time, and their number (aliases are not stored)."""
     from safetensors import safe_open
 
-    from litattn.checkpoint import MODEL_FILE
-
     path = checkpoint_dir / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass a litattn checkpoint directory (model.safetensors)")
@@ -643,7 +645,7 @@ def _lit_tensors(checkpoint_dir: Path) -> tuple[Iterator[tuple[str, Tensor]], in
 
 def _token_ids(checkpoint_dir: Path) -> dict[str, int]:
     """bos/eos ids for config.json from the checkpoint's tokenizer (none if it has no tokenizer)."""
-    if not any((checkpoint_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+    if not has_tokenizer(checkpoint_dir):
         return {}
     from litattn.tokenizer import Tokenizer
 
@@ -718,10 +720,6 @@ def _parse_size(size: int | str) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise ValueError(f"max_shard_size must be bytes or a size like '5GB' or '500MiB', got {size!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-def _short(keys: list[str], n: int = 8) -> str:
-    return "[]" if not keys else ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -43,9 +43,13 @@ def add_lora(model: nn.Module, args: LoRAArgs) -> list[str]:
         raise ValueError(f"lora.r must be >= 1, got {args.r}")
     if not 0 <= args.dropout < 1:
         raise ValueError(f"lora.dropout must be in [0, 1), got {args.dropout}")
+
+    def matches(name: str, target: str) -> bool:
+        return name == target or name.endswith("." + target)
+
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    chosen = [name for name in linears if any(name == t or name.endswith("." + t) for t in args.targets)]
-    unmatched = [t for t in args.targets if not any(n == t or n.endswith("." + t) for n in chosen)]
+    chosen = [name for name in linears if any(matches(name, t) for t in args.targets)]
+    unmatched = [t for t in args.targets if not any(matches(n, t) for n in chosen)]
     if unmatched or not chosen:
         suffixes = sorted({n.split(".", 3)[-1] if n.startswith("transformer.h.") else n for n in linears})
         raise ValueError(

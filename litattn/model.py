@@ -172,6 +172,12 @@ class GPT(nn.Module):
         return sum(block.attn.mechanism.parameter_overhead() for block in self.transformer.h)
 
 
+def is_mechanism_parameter(name: str) -> bool:
+    """Whether a parameter (a `named_parameters()` or state-dict key) belongs to an attention mechanism
+    (SSA's beta, ...) rather than to the base architecture: mechanisms live at `<block>.attn.mechanism`."""
+    return ".attn.mechanism." in name
+
+
 class Block(nn.Module):
     def __init__(self, config: Config, block_idx: int) -> None:
         super().__init__()

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from litattn.utils import atomic_write
+from litattn.utils import atomic_write, content_key
 
 N_SET = 16
 """Number of SET tokens (`<|set_0|>` ... `<|set_15|>`) reserved in the table."""
@@ -272,7 +272,7 @@ def train_or_load_tokenizer(files: Sequence[Path], vocab_size: int, cache_dir: P
         raise ValueError("No files to train a tokenizer on")
     cache_dir = Path(cache_dir)
     stats = [(str(f), (s := f.stat()).st_size, s.st_mtime_ns) for f in files]
-    key = _hash([stats, vocab_size, TOKENIZER_FORMAT_VERSION])
+    key = content_key([stats, vocab_size, TOKENIZER_FORMAT_VERSION])
     final = cache_dir / f"tokenizer-{key}"
     if (final / "tokenizer.json").is_file():
         print(f"Reusing tokenizer {final}")
@@ -308,10 +308,6 @@ def read_text(path: Path) -> str | None:
         reason = f"unreadable ({e.strerror or e})"
     warnings.warn(f"Skipping {path}: {reason}", stacklevel=1)  # one location: the warning registry dedups
     return None
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @contextmanager

@@ -14,12 +14,10 @@ import torch
 from torch import nn
 
 from litattn.args import OptimizerArgs
+from litattn.model import is_mechanism_parameter
+
 
 # ---------------------------------------------------------------------------------- optimizer
-MECHANISM_PARAMETER = ".attn.mechanism."
-"""Marks the parameters an attention mechanism adds (SSA's beta, ...) in `named_parameters()`."""
-
-
 def parameter_groups(model: nn.Module, args: OptimizerArgs) -> list[dict]:
     """AdamW groups of the trainable parameters: weight matrices decay; norms, biases and embeddings do not.
     With `args.mechanism_lr`, the mechanism's own parameters form a third group (no decay, own lr)."""
@@ -29,7 +27,7 @@ def parameter_groups(model: nn.Module, args: OptimizerArgs) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if args.mechanism_lr is not None and MECHANISM_PARAMETER in f".{name}":
+        if args.mechanism_lr is not None and is_mechanism_parameter(name):
             mechanism.append(p)
         elif p.ndim >= 2 and id(p) not in embeddings:
             decay.append(p)

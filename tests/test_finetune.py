@@ -167,6 +167,9 @@ def test_lora_merge_equals_the_hooked_forward():
         if name.endswith("lora_b"):  # make the update real
             torch.nn.init.normal_(p, std=0.1)
     assert not torch.allclose(model(idx), plain(idx), atol=1e-3)
+    layer, x = model.transformer.h[0].attn.qkv, torch.randn(3, config.n_embd)  # the formula, written out
+    expected = F.linear(x, layer.weight, layer.bias) + (4 / 2) * x @ layer.lora_a.T @ layer.lora_b.T
+    torch.testing.assert_close(layer(x), expected)
     merged = GPT(config)
     merged.load_state_dict(merged_state_dict(model))
     torch.testing.assert_close(merged(idx), model(idx), atol=1e-5, rtol=1e-5)

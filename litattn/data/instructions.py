@@ -13,7 +13,6 @@ Examples longer than `seq_len + 1` tokens are cut by `truncate`. The token ids o
 
 from __future__ import annotations
 
-import hashlib
 import json
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -26,9 +25,9 @@ import torch
 from torch.utils.data import Dataset
 
 from litattn.data.base import DataModule
-from litattn.data.text_files import _unit_hash
+from litattn.data.text_files import _held_out
 from litattn.tokenizer import Tokenizer
-from litattn.utils import atomic_write
+from litattn.utils import atomic_write, content_key
 
 ALPACA_PROMPT: dict[str, str] = {
     "input": (
@@ -284,7 +283,7 @@ def tokenize_examples(
     Prompt and response are encoded apart, so the boundary between them is exact in tokens. The cache file is
     keyed by the examples' text, the prompt template and the tokenizer's fingerprint.
     """
-    key = _hash(
+    key = content_key(
         [
             INSTRUCTION_FORMAT_VERSION,
             ALPACA_PROMPT,
@@ -299,16 +298,17 @@ def tokenize_examples(
     if cached is None:
         prompts = tokenizer.encode_batch([e.prompt() for e in examples], bos=tokenizer.use_bos)
         responses = tokenizer.encode_batch([e.output for e in examples], eos=True)
-        lengths = np.array([[len(p), len(r)] for p, r in zip(prompts, responses, strict=True)], dtype=np.int64)
+        pairs = [[len(p), len(r)] for p, r in zip(prompts, responses, strict=True)]
+        lengths = np.array(pairs, dtype=np.int64).reshape(-1, 2)  # (N, 2), also for N = 0
         flat = [i for p, r in zip(prompts, responses, strict=True) for i in (*p, *r)]
         ids = np.array(flat, dtype=np.int32)
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
-                np.savez(f, ids=ids, lengths=lengths.reshape(-1, 2))
+                np.savez(f, ids=ids, lengths=lengths)
 
         atomic_write(path, write)
-        cached = ids, lengths.reshape(-1, 2)
+        cached = ids, lengths
     ids, lengths = cached
     out, start = [], 0
     for n_prompt, n_response in lengths.tolist():
@@ -328,10 +328,6 @@ def _load_tokens(path: Path, n_examples: int) -> tuple[np.ndarray, np.ndarray] |
     if lengths.shape != (n_examples, 2) or lengths.sum() != len(ids):
         return None
     return ids, lengths
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------- AlpacaJSON
@@ -369,12 +365,8 @@ class AlpacaJSON(InstructionData):
                     f"{self.train_file} holds 1 example: too few to hold one out for validation; "
                     f"add examples or pass val_file"
                 )
-            scores = [_unit_hash(f"{self.seed}\0{e.instruction}\0{e.input}\0{e.output}") for e in examples]
-            is_val = [s < self.val_fraction for s in scores]
-            if not any(is_val):  # hold out at least one example: the one with the lowest score
-                is_val[scores.index(min(scores))] = True
-            if all(is_val):  # ... and train on at least one (duplicates share a score, so split by index)
-                is_val[scores.index(max(scores))] = False
+            texts = [f"{e.instruction}\0{e.input}\0{e.output}" for e in examples]
+            is_val = _held_out(texts, self.seed, self.val_fraction)
             train = [e for e, v in zip(examples, is_val, strict=True) if not v]
             val = [e for e, v in zip(examples, is_val, strict=True) if v]
         self._n_read = (len(train), len(val))

@@ -8,7 +8,6 @@ else does. The folder is built under a temp name and renamed into place: readers
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from litattn.data.base import token_dtype
 from litattn.tokenizer import Tokenizer, read_text
-from litattn.utils import atomic_write_text
+from litattn.utils import atomic_write_text, content_key
 
 DATA_FORMAT_VERSION = 1
 """Bump when the token files' layout changes, so old caches are rebuilt."""
@@ -75,13 +74,14 @@ def prepare_tokens(
     val_files = [Path(f).resolve() for f in val_files]
     cache_dir = Path(cache_dir)
     dtype = token_dtype(tokenizer.vocab_size)
-    key = _hash(
+    fingerprint = tokenizer.fingerprint()  # hashes the tokenizer's files: once, for the key and meta.json
+    key = content_key(
         {
             "version": DATA_FORMAT_VERSION,
             "train": _stats(train_files),
             "val": _stats(val_files),
             "val_tail_fraction": val_tail_fraction,
-            "tokenizer": tokenizer.fingerprint(),
+            "tokenizer": fingerprint,
         }
     )
     final = cache_dir / f"data-{key}"
@@ -116,7 +116,7 @@ def prepare_tokens(
             val_files=[str(f) for f in val_files],
             val_tail_fraction=val_tail_fraction,
             skipped=skipped,
-            tokenizer=tokenizer.fingerprint(),
+            tokenizer=fingerprint,
         )
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
         if final.exists():  # a stale or damaged cache (`_load` rejected it): replace it
@@ -154,10 +154,10 @@ def _write_tokens(
         progress.update(batch_bytes)
         batch, batch_bytes, batch_chars = [], 0, 0
 
-    total = sum(p.stat().st_size for p in files)
-    with open(out, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=f"Tokenizing {desc}") as progress:
-        for path in files:
-            batch_bytes += path.stat().st_size
+    sizes = [p.stat().st_size for p in files]
+    with open(out, "wb") as f, tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"Tokenizing {desc}") as progress:
+        for path, size in zip(files, sizes, strict=True):
+            batch_bytes += size
             text = read_text(path)
             if text is None:
                 skipped.append(str(path))
@@ -221,7 +221,3 @@ def _load(folder: Path) -> PreparedTokens | None:
 
 def _stats(files: Sequence[Path]) -> list[tuple[str, int, int]]:
     return [(str(f), (s := f.stat()).st_size, s.st_mtime_ns) for f in files]
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -8,7 +8,6 @@ modules are parsed with `ast`, never imported (importing runs code: `antigravity
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import re
 import sys
@@ -17,8 +16,8 @@ from pathlib import Path
 
 from litattn.data.instructions import Example, InstructionData, Truncation, check_truncation
 from litattn.data.stdlib import StdlibCorpus
-from litattn.data.text_files import _unit_hash
-from litattn.utils import atomic_write_text
+from litattn.data.text_files import _held_out
+from litattn.utils import atomic_write_text, content_key
 
 PYDOC_QA_VERSION = 1
 """Bump when the way examples are built changes, so cached examples are rebuilt."""
@@ -59,12 +58,8 @@ class PyDocQA(InstructionData):
                 f"PyDocQA found examples in {len(names)} module(s) ({', '.join(names) or 'none'}): too few to hold "
                 f"a module out for validation; name at least two modules with documented public functions"
             )
-        scores = {m: _unit_hash(f"{self.seed}\0{m}") for m in names}
-        val_modules = {m for m in names if scores[m] < self.val_fraction}
-        if not val_modules:  # hold out at least one module: the one with the lowest score
-            val_modules = {min(names, key=scores.get)}
-        if len(val_modules) == len(names):  # ... and train on at least one
-            val_modules.discard(max(names, key=scores.get))
+        is_val = _held_out(names, self.seed, self.val_fraction)
+        val_modules = {m for m, v in zip(names, is_val, strict=True) if v}
         train = [_example(r) for r in records if r["module"] not in val_modules]
         val = [_example(r) for r in records if r["module"] in val_modules]
         self._split = {"train": (len(train), len(names) - len(val_modules)), "val": (len(val), len(val_modules))}
@@ -103,7 +98,7 @@ def build_examples(cache_dir: Path | str, modules: list[str] | None = None) -> t
             )
         files = {m: files[m] for m in sorted(set(modules))}
     stats = [(m, str(f), (s := f.stat()).st_size, s.st_mtime_ns) for m, f in files.items()]
-    key = hashlib.sha256(json.dumps([PYDOC_QA_VERSION, MIN_ANSWER_CHARS, stats]).encode()).hexdigest()[:16]
+    key = content_key([PYDOC_QA_VERSION, MIN_ANSWER_CHARS, stats])
     path = Path(cache_dir) / f"pydoc-qa-{key}.json"
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,6 @@ class TextFiles(DataModule):
             raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         self._prepared: PreparedTokens | None = None
         self._seq_len: int | None = None
-        self._n_files = 0
 
     # ------------------------------------------------------------------ files
     def find_files(self, cache_dir: Path | None = None) -> tuple[list[Path], list[Path]]:
@@ -67,12 +67,7 @@ class TextFiles(DataModule):
         files = _unique([(f, rel) for d in self.train_dirs for f, rel in self._scan_rel(d, skip)], key=lambda x: x[0])
         if len(files) == 1:
             return [files[0][0]], []
-        scores = [_unit_hash(f"{self.seed}\0{rel}") for _, rel in files]
-        is_val = [s < self.val_fraction for s in scores]
-        if not any(is_val):  # hold out at least one file: the one with the lowest score
-            is_val[scores.index(min(scores))] = True
-        if all(is_val):  # ... and train on at least one
-            is_val[scores.index(max(scores))] = False
+        is_val = _held_out([rel for _, rel in files], self.seed, self.val_fraction)
         train = [f for (f, _), v in zip(files, is_val, strict=True) if not v]
         val = [f for (f, _), v in zip(files, is_val, strict=True) if v]
         return train, val
@@ -88,6 +83,7 @@ class TextFiles(DataModule):
             raise FileNotFoundError(f"{str(root)!r} is not a folder; train_dirs and val_dir name folders")
         root = root.resolve()
         skip = {p.resolve() for p in skip} - {root}
+        extensions = tuple(self.extensions)
         found = []
         for dirpath, dirnames, filenames in os.walk(root):
             here = Path(dirpath)
@@ -98,7 +94,7 @@ class TextFiles(DataModule):
             )
             for name in sorted(filenames):
                 rel = prefix + name
-                if name.lower().endswith(tuple(self.extensions)) and not _excluded(rel, self.exclude):
+                if name.lower().endswith(extensions) and not _excluded(rel, self.exclude):
                     found.append((here / name, rel))
         if not found:
             raise ValueError(
@@ -112,7 +108,6 @@ class TextFiles(DataModule):
     def setup(self, tokenizer: Tokenizer | None, vocab_size: int, seq_len: int, cache_dir: Path) -> Tokenizer:
         cache_dir = Path(cache_dir)
         train, val = self.find_files(cache_dir)
-        self._n_files = len(train) + len(val)
         if tokenizer is None:
             tokenizer = train_or_load_tokenizer(train, vocab_size, cache_dir)
         self._prepared = prepare_tokens(
@@ -153,7 +148,7 @@ class TextFiles(DataModule):
             names = [self._relative(Path(f)) for f in p.val_files]
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             line += (
-                f"{len(p.val_files)} of {self._n_files} files held out by path hash "
+                f"{len(p.val_files)} of {len(p.train_files) + len(p.val_files)} files held out by path hash "
                 f"(val_fraction={self.val_fraction}, seed={self.seed}): {shown}; {p.val_tokens:,} tokens"
             )
         else:
@@ -165,8 +160,8 @@ class TextFiles(DataModule):
     def _relative(self, path: Path) -> str:
         """`path` relative to the train folder that holds it, for the log."""
         for root in self.train_dirs:
-            if path.is_relative_to(root.resolve()):
-                return path.relative_to(root.resolve()).as_posix()
+            if path.is_relative_to(root := root.resolve()):
+                return path.relative_to(root).as_posix()
         return str(path)
 
     def _source(self) -> str:
@@ -196,11 +191,25 @@ def _unit_hash(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
+def _held_out(keys: Sequence[str], seed: int, fraction: float) -> list[bool]:
+    """Which of `keys` go to validation: those whose salted hash is below `fraction`, at least one, never all.
+
+    The choice depends on each key alone, so adding an item never moves another (except through the two bounds).
+    """
+    scores = [_unit_hash(f"{seed}\0{key}") for key in keys]
+    is_val = [s < fraction for s in scores]
+    if not any(is_val):  # hold out at least one: the one with the lowest score
+        is_val[scores.index(min(scores))] = True
+    if all(is_val):  # ... and train on at least one (duplicate keys share a score, so this goes by index)
+        is_val[scores.index(max(scores))] = False
+    return is_val
+
+
 def _unique(items: list, key=lambda x: x) -> list:
     """Drop repeats (overlapping folders), keeping the first occurrence and the order."""
     seen, out = set(), []
     for item in items:
-        if key(item) not in seen:
-            seen.add(key(item))
+        if (k := key(item)) not in seen:
+            seen.add(k)
             out.append(item)
     return out
