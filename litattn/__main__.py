@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings -> --help
     try:
         CLI(commands(), args=argv, as_positional=False, allow_abbrev=False, prog="litattn")
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, without the flush error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # Bad input: one line that names the problem, non-zero exit, no traceback.
         print(f"litattn: error: {e}", file=sys.stderr)

@@ -22,6 +22,17 @@ def naive_attention(q, k, v, mask=None, scale=None):
     return (scores.softmax(-1) @ v).to(q.dtype)
 
 
+def naive_attention_probs(q, k, mask=None, scale=None):
+    """softmax(q k^T * scale, masked) in float64, (B, nh, T, S): the probabilities naive_attention weighs v with."""
+    nh, ng = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(nh // ng, dim=1).double()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1)
+
+
 def causal_mask(q_pos, kv_len, window=None):
     """Loop-built boolean mask (T, S): key j visible to query at position p iff j <= p (and p - j < window)."""
     mask = torch.zeros(len(q_pos), kv_len, dtype=torch.bool)
@@ -42,6 +53,17 @@ def naive_rope(x, positions, n_elem, base):
             out[..., t, i] = a * math.cos(theta) - b * math.sin(theta)
             out[..., t, i + half] = b * math.cos(theta) + a * math.sin(theta)
     return out.to(x.dtype)
+
+
+def gpt2_byte_symbols() -> dict[int, str]:
+    """GPT-2's bytes_to_unicode: byte value -> the printable character byte-level BPE uses for it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return symbols
 
 
 # ------------------------------------------------------------- a mechanism for override tests

@@ -1,4 +1,7 @@
 import csv
+import json
+import math
+import statistics
 from pathlib import Path
 
 import matplotlib.image
@@ -43,6 +46,17 @@ def test_smoke_grid_produces_tables_and_plots_and_a_rerun_finishes_only_missing_
     assert by_key[("causal", "1")] != by_key[("causal", "2")]  # seeds differ
     table = (out / "results.md").read_text()
     assert "| causal | 2 |" in table and "± " in table
+    for r in rows:  # each row is its run's own summary
+        summary = json.loads((out / r["variant"] / f"seed-{r['seed']}" / "summary.json").read_text())
+        assert float(r["final_val_loss"]) == pytest.approx(summary["val_loss"], abs=1e-9)
+        assert int(r["steps"]) == summary["step"] == 6 and int(r["params_added"]) == 0  # the budget; same model
+    cells = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table.splitlines() if line.startswith("| ")}
+    for variant in ("causal", "causal-masked-sdpa"):  # mean ± sample std over the seeds, from the csv rows
+        losses = [by_key[(variant, seed)] for seed in ("1", "2")]
+        mean, std = sum(losses) / 2, abs(losses[0] - losses[1]) / 2**0.5
+        assert cells[variant][1].strip() == f"{mean:.4f} ± {std:.4f}"
+        ppl = [math.exp(loss) for loss in losses]  # the ppl column: mean and spread of each run's perplexity
+        assert cells[variant][2].strip() == f"{sum(ppl) / 2:.2f} ± {statistics.stdev(ppl):.2f}"
     for png in ("loss_curves.png", "summary.png"):
         image = matplotlib.image.imread(out / png)
         assert image.shape[0] > 300 and image.std() > 0.05
@@ -59,7 +73,10 @@ def test_smoke_grid_produces_tables_and_plots_and_a_rerun_finishes_only_missing_
     assert {p: p.stat().st_mtime_ns for p in untouched} == untouched  # finished runs were skipped
     assert "Resumed from" in (interrupted / "log.txt").read_text()
     with open(out / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
+        rerun = {(r["variant"], r["seed"]): float(r["final_val_loss"]) for r in csv.DictReader(f)}
+    assert rerun.keys() == by_key.keys()
+    # the resumed run continues exactly where it stopped: the same final loss as the uninterrupted run
+    assert rerun == pytest.approx(by_key, abs=1e-5)
 
 
 def test_dry_run_lists_the_plan_and_runs_nothing(tmp_path, capsys):

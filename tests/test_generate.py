@@ -102,7 +102,7 @@ def _frequencies(logits, n=4000, **kwargs):
 
 
 def test_sampling_follows_temperature_top_k_and_top_p():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])  # not sorted: top_p must map its kept set back to the ids
     logits = probs.log()
     freq = _frequencies(logits, temperature=1.0, top_k=None)
     torch.testing.assert_close(freq, probs.double(), atol=0.03, rtol=0)
@@ -111,11 +111,19 @@ def test_sampling_follows_temperature_top_k_and_top_p():
     torch.testing.assert_close(freq, (probs.sqrt() / probs.sqrt().sum()).double(), atol=0.03, rtol=0)
     # top_k=2 keeps the two most likely ids, renormalised
     freq = _frequencies(logits, temperature=1.0, top_k=2)
-    torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0, 0], dtype=torch.double), atol=0.03, rtol=0)
-    # top_p: the smallest set of likely ids whose mass reaches top_p
-    assert _frequencies(logits, n=500, temperature=1.0, top_k=None, top_p=0.8)[2:].sum() == 0
-    assert _frequencies(logits, n=500, temperature=1.0, top_k=None, top_p=0.81)[2] > 0
-    assert _frequencies(logits, n=50, temperature=1.0, top_k=None, top_p=0.1).tolist() == [1, 0, 0, 0]
+    torch.testing.assert_close(freq, torch.tensor([0, 0.625, 0, 0.375], dtype=torch.double), atol=0.03, rtol=0)
+    # top_p: the smallest set of likely ids whose mass reaches top_p (0.5 + 0.3), renormalised
+    freq = _frequencies(logits, temperature=1.0, top_k=None, top_p=0.8)
+    assert freq[0] == freq[2] == 0
+    torch.testing.assert_close(freq, torch.tensor([0, 0.625, 0, 0.375], dtype=torch.double), atol=0.03, rtol=0)
+    assert _frequencies(logits, n=500, temperature=1.0, top_k=None, top_p=0.81)[0] > 0
+    assert _frequencies(logits, n=50, temperature=1.0, top_k=None, top_p=0.1).tolist() == [0, 1, 0, 0]
+    # top_p after temperature: sqrt(p) normalised is [.208, .379, .120, .294]; 0.379 + 0.294 < 0.7 keeps a third id
+    tempered = probs.sqrt() / probs.sqrt().sum()
+    expected = tempered * torch.tensor([1.0, 1.0, 0.0, 1.0])
+    freq = _frequencies(logits, temperature=2.0, top_k=None, top_p=0.7)
+    assert freq[2] == 0
+    torch.testing.assert_close(freq, (expected / expected.sum()).double(), atol=0.03, rtol=0)
     assert sample(torch.tensor([0.1, 3.0, -1.0]), temperature=0.0).item() == 1
 
 
@@ -144,7 +152,12 @@ def test_incremental_decoding_keeps_multibyte_characters_whole(tokenizer):
     assert len(ids) > len(text.split())  # bytes of the CJK / emoji characters are separate tokens
     context = tokenizer.encode("the ")
     decoder = IncrementalDecoder(tokenizer, context)
-    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    pieces = []
+    for n, i in enumerate(ids, 1):
+        pieces.append(decoder.push(i))
+        # streamed as soon as possible: all of the first n tokens' text except an incomplete last character
+        assert "".join(pieces) == tokenizer.decode(ids[:n]).rstrip("\ufffd")
+    pieces.append(decoder.flush())
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
 

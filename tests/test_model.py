@@ -3,7 +3,7 @@ import torch
 
 from litattn import GPT, Config
 from litattn.attention.base import rotate_half_rope
-from reference import naive_rope
+from reference import causal_mask, naive_attention_probs, naive_rope
 
 TINY = ["tiny-gpt2", "tiny-pythia", "tiny-llama"]
 
@@ -29,20 +29,23 @@ def test_gqa_config_is_gqa():
 
 
 @pytest.mark.parametrize(
-    "name, published, tolerance",
+    "name, published, hf_vocab_rows",
     [
-        ("gpt2", 124_439_808, 0.01),
-        ("pythia-160m", 162_322_944, 0.01),
-        ("tinyllama-1.1b", 1_100_048_384, 0.01),
-        ("mistral-7b", 7_241_732_096, 0.01),
-        ("llama-3.2-1b", 1_235_814_400, 0.01),
-        ("pythia-70m", 70_426_624, 0.01),
+        ("gpt2", 124_439_808, 50257),
+        ("pythia-160m", 162_322_944, 50304),
+        ("tinyllama-1.1b", 1_100_048_384, 32000),
+        ("mistral-7b", 7_241_732_096, 32000),
+        ("llama-3.2-1b", 1_235_814_400, 128256),
+        ("pythia-70m", 70_426_624, 50304),
     ],
 )
-def test_preset_parameter_counts(name, published, tolerance):
+def test_preset_parameter_counts(name, published, hf_vocab_rows):
+    """Exactly the published (Hugging Face) count, plus the embedding rows litattn's vocabulary padding adds."""
+    config = Config.from_name(name)
     with torch.device("meta"):
-        model = GPT(Config.from_name(name))
-    assert abs(model.num_parameters() - published) / published < tolerance
+        model = GPT(config)
+    padding = (config.padded_vocab_size - hf_vocab_rows) * config.n_embd * (1 if config.tie_embeddings else 2)
+    assert model.num_parameters() == published + padding
 
 
 def test_state_dict_names_follow_litgpt():
@@ -117,8 +120,26 @@ def test_init_follows_gpt_neox():
 def test_attention_maps_are_causal_distributions_and_do_not_change_the_output():
     model = GPT(Config.from_name("tiny-llama", sliding_window_size=5)).eval()
     idx = torch.randint(0, 256, (2, 12))
+    # an independent reference: each layer's q, k (before RoPE) from a plain forward, rotated and softmaxed naively
+    inputs, hidden = [], []
+    hooks = [
+        block.attn.mechanism.register_forward_pre_hook(lambda m, args: inputs.append((args[0], args[1])))
+        for block in model.transformer.h
+    ]
+    with torch.no_grad():
+        plain = model.hidden_states(idx)
+    for hook in hooks:
+        hook.remove()
+    hook = model.transformer.ln_f.register_forward_hook(lambda m, args, out: hidden.append(out))
     maps = model.attention_maps(idx)
+    hook.remove()
     assert len(maps) == 2 and maps[0].shape == (2, 4, 12, 12)
+    torch.testing.assert_close(hidden[0], plain, atol=1e-5, rtol=1e-5)  # the maps path computes the same function
+    c, pos = model.config, torch.arange(12)
+    for layer_maps, (q, k) in zip(maps, inputs, strict=True):
+        q, k = (naive_rope(x, pos, c.rope_n_elem, c.rope_base) for x in (q, k))
+        expected = naive_attention_probs(q, k, causal_mask(pos, 12, window=5))
+        torch.testing.assert_close(layer_maps.double(), expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 4, 12))
     i, j = torch.meshgrid(torch.arange(12), torch.arange(12), indexing="ij")
     assert torch.all(maps[1][..., (j > i) | (i - j >= 5)] == 0)  # causal and windowed

@@ -209,12 +209,46 @@ def test_identity_init_still_learns():
     idx = torch.randint(0, 256, (2, 16))
     model.loss(idx[:, :-1], idx[:, 1:]).backward()
     mech = model.transformer.h[0].attn.mechanism
+    assert mech.beta.grad is None or torch.all(mech.beta.grad == 0)
     for name in ("position_gate", "query_weight", "query_bias", "value_weight", "value_bias"):
         assert getattr(mech, name).grad.abs().sum() > 0, name
 
 
+def differentiable_ssa(q, k, v, q_pos, mask, gate, beta, wq, bq, wv, bv, alpha=ALPHA):
+    """The SSA formulas written out in float64 with autograd: gradients for every input and parameter."""
+    d, rep = q.shape[-1], q.shape[1] // k.shape[1]
+    tau_pos = 1 + gate * torch.exp(-torch.exp(beta)) * torch.log(q_pos.double() + 1)  # (T,)
+    tau_q = 1 + alpha * torch.tanh(torch.einsum("bhtd,hd->bht", q, wq) / math.sqrt(d) + bq[:, None])
+    tau_v = 1 + alpha * torch.tanh(torch.einsum("bgsd,gd->bgs", v, wv) / math.sqrt(d) + bv[:, None])
+    k, v = k.repeat_interleave(rep, dim=1), (v * tau_v[..., None]).repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(d) * tau_pos[:, None] * tau_q[..., None]
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def test_gradients_equal_naive_reference_with_gqa():
+    """Backward through SSA (query, key, value and all six parameters) against autograd of the written-out formulas."""
+    mech = _ssa(Config.from_name("tiny-llama"))
+    _randomize(mech, beta=0.3)
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    pos = torch.arange(9)
+    weights = torch.randn(2, 4, 9, 8)
+    inputs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    (mech(*inputs, _ctx(pos)) * weights).sum().backward()
+
+    names = ["position_gate", "beta", "query_weight", "query_bias", "value_weight", "value_bias"]
+    ref_inputs = [x.double().requires_grad_(True) for x in (q, k, v)]
+    ref_params = [getattr(mech, n).detach().double().requires_grad_(True) for n in names]
+    out = differentiable_ssa(*ref_inputs, pos, causal_mask(pos, 9), *ref_params)
+    (out * weights.double()).sum().backward()
+    for name, got, ref in zip(["q", "k", "v"], inputs, ref_inputs, strict=True):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+    for name, ref in zip(names, ref_params, strict=True):
+        assert ref.grad.abs().max() > 1e-3, name  # every gradient is really exercised
+        torch.testing.assert_close(getattr(mech, name).grad.double(), ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 # -------------------------------------------------------------- parameter overhead
-@pytest.mark.parametrize("preset", ["gpt2", "pythia-160m"])
+@pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "tinyllama-1.1b"])  # the last with GQA
 def test_parameter_overhead_below_half_a_percent(preset):
     with torch.device("meta"):
         model = GPT(Config.from_name(preset, attention={"name": "ssa"}))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from litattn.tokenizer import N_SET, SPECIAL_TOKENS, Tokenizer, train_or_load_tokenizer
+from reference import gpt2_byte_symbols
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 20,
@@ -55,6 +56,11 @@ def test_vocab_size_and_byte_alphabet(tokenizer):
     assert tokenizer.vocab_size == 400
     # ids after the special table start with the 256 byte symbols: each decodes to one byte (or a part of one char)
     assert all(tokenizer.decode([i]) for i in range(len(SPECIAL_TOKENS), 400))
+    symbols = gpt2_byte_symbols()
+    n = len(SPECIAL_TOKENS)
+    assert sorted(tokenizer.token_to_id(s) for s in symbols.values()) == list(range(n, n + 256))
+    for b in range(128):  # an ASCII character is one byte: exactly its byte symbol's id
+        assert tokenizer.encode(chr(b)) == [tokenizer.token_to_id(symbols[b])]
     assert max(tokenizer.encode("".join(CORPUS))) < 400
     # training merges frequent words: a frequent word costs far fewer ids than bytes
     assert len(tokenizer.encode("The quick brown fox")) < len("The quick brown fox") / 2

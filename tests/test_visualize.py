@@ -12,6 +12,7 @@ from litattn.attention import AttentionMechanism, register_attention
 from litattn.attention.kernels import attend
 from litattn.tokenizer import Tokenizer
 from litattn.visualize import attention, select_maps, token_label
+from reference import causal_mask, naive_attention_probs, naive_rope
 
 PROMPT = "def add(a, b):\n    return a + b"
 
@@ -149,6 +150,16 @@ def test_attention_spec_override_draws_that_mechanism(checkpoint_dir, tmp_path, 
     i, j = np.indices((T, T))
     assert np.all(drawn[(j > i) | (i - j >= 4)] == 0) and np.all(drawn[(j <= i) & (i - j < 4)] > 0)
     np.testing.assert_allclose(drawn.sum(-1), 1, atol=1e-5)
+    # the values: the checkpoint's layer-0 q, k (from its own causal model), rotated and softmaxed naively in a window
+    model, tokenizer, config = ckpt.load(checkpoint_dir)
+    captured = []
+    model.transformer.h[0].attn.mechanism.register_forward_pre_hook(lambda m, args: captured.append(args[:2]))
+    with torch.no_grad():
+        model.eval()(torch.tensor([tokenizer.encode(PROMPT)]))
+    pos = torch.arange(T)
+    q, k = (naive_rope(x, pos, config.rope_n_elem, config.rope_base) for x in captured[0])
+    expected = naive_attention_probs(q, k, causal_mask(pos, T, window=4))[0, 1]
+    np.testing.assert_allclose(drawn, expected.numpy(), atol=1e-6)
     assert fig.get_suptitle().startswith("test_window(window=4) attention")
     with pytest.raises(RuntimeError, match="reported maps for 0 of 2 layers"):
         attention(checkpoint_dir, PROMPT, out_file=tmp_path / "s.png", attention_spec={"name": "test_vis_silent"})
