@@ -33,6 +33,7 @@ def setup(
     out_dir: Path = Path("out/finetune"),
     data: DataModule | None = None,
     resume: bool | Literal["auto"] | Path = False,
+    overwrite: bool = False,
     train: TrainArgs = TrainArgs(
         global_batch_size=16, micro_batch_size=4, epochs=1, lr_warmup_steps=10, save_interval=100, log_interval=10
     ),
@@ -61,6 +62,8 @@ def setup(
         data: Instruction data module; default: PyDocQA (questions on the standard library, answered from its
             docstrings). AlpacaJSON reads your own JSON/JSONL file.
         resume: Continue a run: `auto` (the newest checkpoint in out_dir, if any) or a checkpoint path.
+        overwrite: Delete the checkpoints and logs of a previous run in out_dir first. Without it a run refuses
+            an out_dir that holds another run's checkpoints (resume it, or choose another out_dir).
         train: Batch sizes, stopping limits and checkpointing; max_seq_length (default: the model's block_size)
             is the length examples are truncated to.
         eval: Validation schedule (initial_validation gives the checkpoint's own loss, before finetuning).
@@ -78,6 +81,9 @@ def setup(
         cache_dir: Where tokenized examples are cached.
     """
     hyperparameters = _hyperparameters(dict(locals()))
+    from litattn.args import check_run_args
+
+    check_run_args(seed=seed, devices=devices, num_nodes=num_nodes, train=train)  # before any work
     config = ckpt.load_config(checkpoint_dir, **(model or {}))
     if not any((Path(checkpoint_dir) / name).is_file() for name in ckpt.TOKENIZER_FILES):
         raise FileNotFoundError(
@@ -105,6 +111,7 @@ def setup(
         seed,
         cache_dir,
         hyperparameters,
+        overwrite=overwrite,
     )
     if code:
         sys.exit(code)

@@ -1,13 +1,15 @@
 """The `litattn` command line: one subcommand per entry point (jsonargparse).
 
 Every subcommand takes `--config FILE`, `--print_config` and dotted overrides
-(`--model.attention.name ssa`). Entry points are imported lazily so `litattn --help` is quick.
+(`--model.attention.name ssa`); overrides of a mapping merge into what the YAML set, at any depth
+(see `merged_argv`). Entry points are imported lazily so `litattn --help` is quick.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Collection
 
 
 def attention_list() -> None:
@@ -73,21 +75,133 @@ def commands() -> dict[str, Callable | dict[str, Callable]]:
     }
 
 
+# ---------------------------------------------------------------------------------- mapping overrides
+# Parameters whose value is a mapping that command-line overrides merge into (True: an attention spec).
+MERGED_PARAMETERS = {"model": False, "attention": True, "attention_spec": True}
+_SEP = "/"  # nests a key without a dot; see OVERRIDE_KEY_SEPARATORS in litattn.config
+
+
+def merged_argv(argv: list[str], parameters: Collection[str]) -> list[str]:
+    """Rewrite overrides of mapping parameters so that jsonargparse keeps what the YAML set.
+
+    Why: for a `dict` parameter jsonargparse applies `--model.attention.name ssa` as a shallow update,
+    `{**model, "attention": {"name": "ssa"}}`, losing the YAML's other attention options, and a whole
+    value `--model '{...}'` replaces the mapping. It stores a key without a dot as it is, so each
+    override becomes a key of its own, numbered in command-line order: `--model.attention.name ssa` ->
+    `--model./0/attention/name ssa`, `--model '{n_layer: 2}'` -> `--model./1 '{n_layer: 2}'`. The parser
+    (`_parser_class`) folds these keys back, merging each in turn into what the YAML set
+    (`litattn.config.expand_overrides`), before the entry point or `--print_config` sees the mapping.
+    """
+    import yaml
+
+    out: list[str] = []
+    number = 0
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        flag, eq, inline = token.partition("=")
+        head, dot, rest = flag[2:].partition(".") if flag.startswith("--") else ("", "", "")
+        if head not in parameters:
+            out.append(token)
+            i += 1
+            continue
+        if eq:
+            value, taken = inline, [token]
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value, taken = argv[i + 1], [token, argv[i + 1]]
+        else:  # no value: jsonargparse's error to report
+            out.append(token)
+            i += 1
+            continue
+        i += len(taken)
+        if not dot:
+            try:
+                mapping = yaml.safe_load(value)
+            except yaml.YAMLError:
+                mapping = None
+            if not isinstance(mapping, dict):  # null, a file path, a typo: as given
+                out += taken
+                continue
+        key = f"{_SEP}{number}" + (f"{_SEP}{rest.replace('.', _SEP)}" if dot else "")
+        out += [f"--{head}.{key}", value]
+        number += 1
+    return out
+
+
+def _unnumbered(key):
+    """`/3/attention/name` -> `attention/name`, `/4` -> `` (a whole mapping); other keys as they are."""
+    if isinstance(key, str) and key.startswith(_SEP):
+        return "".join(key.split(_SEP, 2)[2:])
+    return key
+
+
+def _parser_class(parameters: dict[str, bool], path: str):
+    """An ArgumentParser that folds the rewritten keys of `parameters` (see `merged_argv`) back into nested
+    mappings: in what the entry point receives, and in what `--print_config` shows."""
+    from jsonargparse import ArgumentParser
+
+    from litattn.config import expand_overrides
+
+    def fold(cfg, prefix: str = ""):
+        for name, spec in parameters.items():
+            value = cfg.get(prefix + name)
+            if isinstance(value, dict):
+                cfg[prefix + name] = expand_overrides([(_unnumbered(k), v) for k, v in value.items()], spec)
+        return cfg
+
+    class Parser(ArgumentParser):
+        def parse_args(self, *args, **kwargs):
+            return fold(super().parse_args(*args, **kwargs), f"{path}." if path else "")
+
+        def dump(self, cfg, *args, **kwargs):
+            return super().dump(fold(cfg.clone()), *args, **kwargs)
+
+    return Parser
+
+
+def _subcommand(argv: list[str], tree: dict) -> tuple[str, Callable | None]:
+    """("evaluate.perplexity", its function) for the subcommand that argv names; ("", None) if none."""
+    node, names = tree, []
+    for token in argv:
+        if isinstance(node, dict) and token in node:
+            node, names = node[token], [*names, token]
+            if callable(node):
+                return ".".join(names), node
+    return "", None
+
+
 def main(argv: list[str] | None = None) -> None:
+    import inspect
+
     from jsonargparse import CLI, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings -> --help
+    warnings.formatwarning = _one_line_warning  # on the command line a warning is a line, not a source excerpt
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tree = commands()
+    path, function = _subcommand(argv, tree)
+    accepted = inspect.signature(function).parameters if function else {}
+    parameters = {name: spec for name, spec in MERGED_PARAMETERS.items() if name in accepted}
     try:
-        CLI(commands(), args=argv, as_positional=False, allow_abbrev=False, prog="litattn")
+        argv = merged_argv(argv, parameters)
+        parser_class = _parser_class(parameters, path)
+        CLI(tree, args=argv, as_positional=False, allow_abbrev=False, prog="litattn", parser_class=parser_class)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, without the flush error
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # Bad input: one line that names the problem, non-zero exit, no traceback.
+    except (ValueError, OSError, RuntimeError) as e:
+        # Bad input (or a full disk, an unwritable path): one line that names the problem, exit 2, no traceback.
         print(f"litattn: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before a run installs its own handling (e.g. while tokenizing)
+        print("litattn: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"litattn: warning: {message}\n"
 
 
 if __name__ == "__main__":

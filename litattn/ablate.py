@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from litattn.args import check_range, check_seed
 from litattn.config import merge_overrides
 from litattn.utils import atomic_write_text
 
@@ -65,13 +66,13 @@ def ablate(
     Args:
         base: The recipe every run starts from (a YAML for the entry point, e.g. config_hub/pretrain/debug.yaml).
         variants: Variant name -> overrides of the recipe, e.g. `{ssa: {model: {attention: {name: ssa}}}}`.
-        seeds: Seeds run for every variant (init and data order).
+        seeds: Seeds run for every variant (init and data order): distinct integers from 0 to 2**32 - 1.
         budget: The equal budget: train.* limits such as `{max_steps: 200}` or `{max_tokens: 1000000}`.
         overrides: Overrides applied to every run before the variant's (e.g. data, eval interval).
         out_dir: Where runs and results go.
         entry_point: The litattn subcommand that runs the recipe (pretrain or finetune).
         baseline: The variant others are compared with (parameters added); default: the first.
-        parallel: Runs at once. On CUDA, run i gets device i % parallel; on CPU keep 1 (runs share the cores).
+        parallel: Runs at once (>= 1). On CUDA, run i gets device i % parallel; on CPU keep 1 (runs share the cores).
         dry_run: Print the planned runs and exit.
     """
     base = Path(base)
@@ -81,6 +82,11 @@ def ablate(
         raise ValueError("The ablation has no variants: give `variants: {name: {overrides...}}`")
     if not seeds:
         raise ValueError("The ablation has no seeds: give e.g. `seeds: [1, 2, 3]`")
+    for seed in seeds:
+        check_seed(f"seeds (each of {list(seeds)})", seed)
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"seeds must differ from each other (each seed is one run per variant), got {list(seeds)}")
+    check_range("parallel", parallel, ge=1)
     baseline = baseline or next(iter(variants))
     if baseline not in variants:
         raise ValueError(f"baseline {baseline!r} is not one of the variants {list(variants)}")
@@ -140,9 +146,9 @@ def _validate(entry_point: str, config: dict, variant: str) -> None:
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
-    err = io.StringIO()
+    out, err = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             main([entry_point, "--config", f.name, "--print_config"])
     except SystemExit as e:
         if e.code:
@@ -151,10 +157,24 @@ def _validate(entry_point: str, config: dict, variant: str) -> None:
             ) from None
     finally:
         os.unlink(f.name)
+    try:  # --print_config does not range-check: build the argument groups from what it printed
+        _check_values(yaml.safe_load(out.getvalue()) or {})
+    except ValueError as e:
+        raise ValueError(f"Variant {variant!r} is not a valid {entry_point} recipe: {e}") from None
     if entry_point == "pretrain":
         from litattn.config import resolve_model_config
 
         resolve_model_config(config.get("model_name", "quickstart"), config.get("model"))
+
+
+def _check_values(config: dict[str, Any]) -> None:
+    """The range checks the entry point runs before any work (litattn/args.py), on a printed config."""
+    from litattn.args import EvalArgs, LogArgs, LoRAArgs, OptimizerArgs, TrainArgs, check_run_args
+
+    groups = {"train": TrainArgs, "eval": EvalArgs, "optimizer": OptimizerArgs, "log": LogArgs, "lora": LoRAArgs}
+    built = {key: cls(**config[key]) for key, cls in groups.items() if isinstance(config.get(key), dict)}
+    scalars = {key: config[key] for key in ("seed", "devices", "num_nodes") if key in config}
+    check_run_args(**scalars, train=built.get("train"))
 
 
 def _execute(todo: list[Run], entry_point: str, parallel: int) -> None:

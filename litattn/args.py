@@ -2,12 +2,115 @@
 
 Each field's docstring becomes its `--help` text; YAML files in config_hub/ and the command
 line override these defaults, which live here and nowhere else.
+
+Every group checks its values when it is built (`__post_init__`), so a value out of range stops the
+command before any work with one line that names it, e.g. `train.max_steps must be >= 1 (or null for
+no limit), got 0`; `check_range` gives every such message, here and in the other entry points, one form.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+MAX_SEED = 2**32 - 1
+"""The largest seed Lightning's seed_everything (numpy's generator) accepts."""
+
+
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    null: str | None = None,
+    bound_name: str | None = None,
+) -> None:
+    """Raise ValueError("<name> must be <range> [(or null for <null>)], got <value>") unless value is in range.
+
+    ge/gt/le/lt are the bounds (>=, >, <=, <); null says what None means where None is allowed
+    (e.g. "no limit"); bound_name names the argument an upper bound comes from (`<= optimizer.lr (0.0006)`).
+    Non-finite numbers (nan, inf) are always out of range.
+    """
+    low = f">= {_number(ge)}" if ge is not None else f"> {_number(gt)}" if gt is not None else None
+    high = f"<= {_number(le)}" if le is not None else f"< {_number(lt)}" if lt is not None else None
+    if bound_name and high:
+        high = high.replace(" ", f" {bound_name} (", 1) + ")"
+    if low and high and not bound_name:  # an interval reads better: in [0, 1)
+        allowed = (
+            f"in {'[' if ge is not None else '('}{low[2:].strip()}, {high[2:].strip()}{']' if le is not None else ')'}"
+        )
+    else:
+        allowed = " and ".join(b for b in (low, high) if b) or "a finite number"
+    if null is not None:
+        allowed += f" (or null for {null})"
+    if value is None:
+        if null is None:
+            raise ValueError(f"{name} must be {allowed}, got null")
+        return
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = is_number and math.isfinite(value)
+    ok = ok and (ge is None or value >= ge) and (gt is None or value > gt)
+    ok = ok and (le is None or value <= le) and (lt is None or value < lt)
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {_number(value) if is_number else repr(value)}")
+
+
+def _number(x: Any) -> str:
+    """1.0 -> 1, 0.0006 -> 0.0006, 1e+300 -> 1e+300."""
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e16:
+        return str(int(x))
+    return repr(x) if isinstance(x, float) else str(x)
+
+
+def check_seed(name: str, seed: Any) -> None:
+    """A seed: an int from 0 to 2**32 - 1 (what Lightning's seed_everything and numpy accept)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{name} must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    check_range(name, seed, ge=0, le=MAX_SEED)
+
+
+def check_run_args(*, seed: Any = 0, devices: Any = 1, num_nodes: Any = 1, train: TrainArgs | None = None) -> None:
+    """The scalar arguments of the training entry points (pretrain, finetune), checked before any work:
+    seed, devices, num_nodes and, where the device count is known here, the global batch against it."""
+    check_seed("seed", seed)
+    world = _device_count(devices)
+    check_range("num_nodes", num_nodes, ge=1)
+    if train is not None and world is not None:
+        world *= num_nodes
+        if train.global_batch_size % (train.micro_batch_size * world):
+            raise ValueError(
+                f"train.global_batch_size must be a multiple of micro_batch_size x devices x num_nodes = "
+                f"{train.micro_batch_size} x {world}, got {train.global_batch_size}"
+            )
+
+
+def _device_count(devices: Any) -> int | None:
+    """The number of devices per node `devices` asks for (None: decided by Fabric: auto, -1 for all);
+    ValueError for a value Fabric would not take."""
+    allowed = "devices must be >= 1, -1 (all), 'auto' or a list of device indexes such as '0,1'"
+    if isinstance(devices, bool):
+        raise ValueError(f"{allowed}, got {devices!r}")
+    if isinstance(devices, int):
+        if devices == -1:
+            return None
+        if devices < 1:
+            raise ValueError(f"{allowed}, got {devices}")
+        return devices
+    text = str(devices).strip()
+    if text == "auto" or text == "-1":
+        return None
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    parts = [p.strip() for p in text.split(",")]
+    if "," in text and all(p.isdigit() for p in parts if p) and any(parts):
+        indexes = [int(p) for p in parts if p]
+        if len(set(indexes)) == len(indexes):
+            return len(indexes)
+    raise ValueError(f"{allowed}, got {devices!r}")
 
 
 @dataclass
@@ -38,6 +141,24 @@ class TrainArgs:
     loss_chunk_size: int | None = None
     """Compute the output head and loss over chunks of this many tokens (saves the full logits' memory)."""
 
+    def __post_init__(self) -> None:
+        check_range("train.global_batch_size", self.global_batch_size, ge=1)
+        check_range("train.micro_batch_size", self.micro_batch_size, ge=1)
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size must be a multiple of micro_batch_size (train.micro_batch_size="
+                f"{self.micro_batch_size}), got {self.global_batch_size}"
+            )
+        check_range("train.max_seq_length", self.max_seq_length, ge=1, null="the model's block_size")
+        for limit in ("max_steps", "max_tokens", "epochs"):
+            check_range(f"train.{limit}", getattr(self, limit), ge=1, null="no limit")
+        check_range("train.max_time", self.max_time, gt=0, null="no limit")
+        check_range("train.lr_warmup_steps", self.lr_warmup_steps, ge=0)
+        check_range("train.max_norm", self.max_norm, gt=0, null="no clipping")
+        check_range("train.save_interval", self.save_interval, ge=1, null="saving only at the end")
+        check_range("train.log_interval", self.log_interval, ge=1)
+        check_range("train.loss_chunk_size", self.loss_chunk_size, ge=1, null="no chunks")
+
     def limits(self) -> str:
         given = {k: getattr(self, k) for k in ("max_steps", "max_tokens", "epochs", "max_time")}
         return ", ".join(f"{k}={v}" for k, v in given.items() if v is not None) or "epochs=1"
@@ -46,13 +167,17 @@ class TrainArgs:
 @dataclass
 class EvalArgs:
     interval: int = 100
-    """Validate every this many optimizer steps."""
+    """Validate every this many optimizer steps (0: never during training)."""
     max_iters: int | None = 50
     """Micro-batches per validation run, spread evenly over the validation set (None: all of it)."""
     initial_validation: bool = False
     """Validate before the first step (the untrained baseline)."""
     final_validation: bool = True
     """Validate on the whole validation set at the end."""
+
+    def __post_init__(self) -> None:
+        check_range("eval.interval", self.interval, ge=0)
+        check_range("eval.max_iters", self.max_iters, ge=1, null="the whole validation set")
 
 
 @dataclass
@@ -68,8 +193,20 @@ class OptimizerArgs:
     which then form their own group without weight decay and follow the same schedule scaled by
     mechanism_lr / lr (SSA's authors train beta 100-1000x faster than the weights). None: lr, in the usual groups."""
     beta1: float = 0.9
+    """AdamW's decay rate of the gradient mean."""
     beta2: float = 0.95
+    """AdamW's decay rate of the squared-gradient mean."""
     eps: float = 1e-8
+    """AdamW's denominator term."""
+
+    def __post_init__(self) -> None:
+        check_range("optimizer.lr", self.lr, gt=0)
+        check_range("optimizer.min_lr", self.min_lr, ge=0, le=self.lr, bound_name="optimizer.lr")
+        check_range("optimizer.weight_decay", self.weight_decay, ge=0)
+        check_range("optimizer.mechanism_lr", self.mechanism_lr, gt=0, null="optimizer.lr")
+        check_range("optimizer.beta1", self.beta1, ge=0, lt=1)
+        check_range("optimizer.beta2", self.beta2, ge=0, lt=1)
+        check_range("optimizer.eps", self.eps, gt=0)
 
 
 @dataclass
@@ -83,6 +220,10 @@ class LogArgs:
     sample_at_validation: bool = False
     """Also generate the sample after each validation (finetuning: watch the answers change)."""
     progress_bar: bool = True
+    """Show a progress bar while training."""
+
+    def __post_init__(self) -> None:
+        check_range("log.sample_tokens", self.sample_tokens, ge=1)
 
 
 @dataclass
@@ -98,3 +239,12 @@ class LoRAArgs:
     targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])
     """Linear layers that get an adapter, by the end of their module name: attn.qkv, attn.proj, mlp.fc, mlp.fc_1,
     mlp.fc_2, mlp.proj, lm_head (the lm_head only when it is not tied to the embedding)."""
+
+    def __post_init__(self) -> None:
+        check_range("lora.r", self.r, ge=1)
+        check_range("lora.alpha", self.alpha, gt=0)
+        check_range("lora.dropout", self.dropout, ge=0, lt=1)
+        if not self.targets or not all(isinstance(t, str) and t.strip() for t in self.targets):
+            raise ValueError(
+                f"lora.targets must be a non-empty list of layer names such as attn.qkv, got {self.targets}"
+            )

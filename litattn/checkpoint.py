@@ -15,6 +15,7 @@ then swapped in, so a crash mid-save never leaves a half checkpoint under the fi
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -32,7 +33,7 @@ import yaml
 from torch import Tensor
 
 from litattn.config import Config, resolve_model_config
-from litattn.utils import atomic_write
+from litattn.utils import atomic_write, make_temp_dir
 
 if TYPE_CHECKING:
     from litattn.model import GPT
@@ -65,33 +66,53 @@ def save_checkpoint(
     hyperparameters: dict[str, Any] | None = None,
     training_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a complete checkpoint directory atomically (see `atomic_directory`) and return its path."""
+    """Write a complete checkpoint directory atomically (see `atomic_directory`) and return its path.
+
+    A failed write (disk full, permissions) raises CheckpointWriteError and leaves any previous
+    checkpoint of that name as it was."""
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
-        save_state_dict(model_state, tmp / MODEL_FILE)
-        config.save(tmp / CONFIG_FILE)
-        if hyperparameters is not None:
-            (tmp / HPARAMS_FILE).write_text(yaml.safe_dump(_yaml_safe(hyperparameters), sort_keys=False))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if training_state is not None:
-            save_training_state(tmp, training_state)
+    try:
+        with atomic_directory(out_dir) as tmp:
+            save_state_dict(model_state, tmp / MODEL_FILE)
+            config.save(tmp / CONFIG_FILE)
+            if hyperparameters is not None:
+                (tmp / HPARAMS_FILE).write_text(yaml.safe_dump(_yaml_safe(hyperparameters), sort_keys=False))
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            if training_state is not None:
+                save_training_state(tmp, training_state)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError ("enforce fail")
+        raise CheckpointWriteError(f"Could not write checkpoint {out_dir}: {_write_failure(out_dir, e)}") from e
     return out_dir
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint directory could not be written; the previous one of that name is untouched."""
+
+
+def _write_failure(out_dir: Path, error: BaseException) -> str:
+    """Why a write failed, in a few words: the OS's reason, and the free space when the disk is the cause."""
+    reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0][:200]
+    try:
+        free = shutil.disk_usage(next(p for p in (out_dir, *out_dir.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        return reason
+    full = getattr(error, "errno", None) == errno.ENOSPC or free < 64 * 2**20
+    return f"{reason} ({free / 2**20:.0f} MiB free on that disk)" if full else reason
 
 
 @contextlib.contextmanager
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a temp dir beside out_dir to fill; on success it replaces out_dir in one swap.
 
-    The files are fsynced in `.<name>.<id>.tmp/`; then an existing out_dir is renamed to a
+    The files are fsynced in `.<name>.<pid>.<id>.tmp/`; then an existing out_dir is renamed to a
     backup, the temp dir renamed to out_dir, and the backup deleted. A failure before the swap
     leaves the previous directory untouched; a kill between the two renames leaves it under the
     backup name, which `_recover` puts back on the next save or load.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _recover(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()  # mkdir (not mkdtemp) so the directory gets the usual umask permissions
+    tmp = make_temp_dir(out_dir.parent, out_dir.name)
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -119,10 +140,17 @@ def save_state_dict(state: dict[str, Tensor], path: Path) -> None:
     """Write weights as safetensors. Tensors that alias another (tied embeddings) are stored once
     and recorded in the metadata, because safetensors refuses shared storage; `load_state_dict`
     restores them, so readers always see every key."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors, aliases = _dealias(state)
-    save_file(tensors, str(path), metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
+    except SafetensorError as e:  # its I/O errors end in "(os error N)": report them as the OSError they are
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
 
 
 def _dealias(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -272,6 +300,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def step_of_dir_name(name: str) -> int | None:
+    """The step of a `step-XXXXXXXX` directory name; None for any other name."""
+    match = _STEP_DIR.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_step(d: Path) -> float:
+    """The training step a checkpoint directory holds: from its `step-` name, else (`final/`) from its
+    training state; inf when unknown (a final/ without one ranks above every step)."""
+    step = step_of_dir_name(Path(d).name)
+    return float(step) if step is not None else _final_step(Path(d))
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The newest complete `step-XXXXXXXX/` or `final/` under out_dir (for `--resume auto`).
 
@@ -288,10 +329,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     best: tuple[float, int] | None = None
     found = None
     for d in out_dir.iterdir():
-        match = _STEP_DIR.fullmatch(d.name)
-        if not (match or d.name == "final") or not _is_complete(d):
+        if not (d.name == "final" or step_of_dir_name(d.name) is not None) or not _is_complete(d):
             continue
-        rank = (int(match.group(1)), 0) if match else (_final_step(d), 1)
+        rank = (checkpoint_step(d), int(d.name == "final"))
         if best is None or rank > best:
             best, found = rank, d
     return found
@@ -350,18 +390,61 @@ def _load_safetensors(path: Path, device) -> dict[str, Tensor]:
 
 
 def _torch_load(path: Path, map_location) -> Any:
+    import pickletools
+    import zipfile
+
+    def pickled_global() -> str | None:
+        """The first global (module.name) outside torch's own that the file's pickle names: "" when it names none,
+        None when the file is not one whole pickle (or a torch zip holding one). Parses opcodes, never unpickles."""
+        try:
+            if zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as archive:
+                    data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+            else:
+                data = Path(path).read_bytes()
+            strings, names, end = [], [], -1
+            for opcode, arg, pos in pickletools.genops(data):
+                end = pos
+                if opcode.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+                if opcode.name == "STOP":
+                    break
+            if end != len(data) - 1:
+                return None  # no STOP, or bytes after it
+        except Exception:
+            return None
+        safe = ("torch.", "collections.OrderedDict", "collections.Counter", "_codecs.encode")
+        return next((n for n in names if not n.startswith(safe)), "")
+
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: the error below says it all
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # weights_only=True refused something. Torch's wording differs between versions ("Unsupported global:
+        # GLOBAL x.Y was not an allowed global", "Trying to load unsupported GLOBAL posix.system whose module
+        # posix is blocked", ...), so the refused name is read from the message where it has one, else from the
+        # pickle's own opcodes; a file that is no whole pickle stays "corrupt".
+        found = re.search(r"\bGLOBAL\s+([A-Za-z_][\w.]*)", str(e))
+        refused = found.group(1) if found else pickled_global()
+        advice = "Re-save the state dict of tensors (or convert the file to safetensors) with the code that wrote it"
         if refused:
             raise ValueError(
-                f"{path} contains a pickled Python object ({refused.group(1)}); litattn loads only plain tensors "
-                "and containers (weights_only=True) and will not unpickle it. Re-save the state dict of tensors "
-                "(or convert the file to safetensors) with the code that wrote it"
+                f"{path} holds a pickled Python object ({refused}), which litattn refuses to unpickle for safety "
+                "(unpickling can run arbitrary code; only tensors and plain containers load, torch.load "
+                f"weights_only=True). {advice}"
+            ) from None
+        if refused is not None:
+            raise ValueError(
+                f"{path} holds pickled data that the safe loader (torch.load weights_only=True) refuses, not tensors "
+                f"saved by torch.save; litattn does not unpickle it, for safety. {advice}"
             ) from None
         raise ValueError(f"{path} is not a readable PyTorch file: it is corrupt or not a checkpoint") from None
-    except (RuntimeError, OSError, EOFError) as e:
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as e:
         raise ValueError(f"{path} is not a readable PyTorch file ({type(e).__name__}: {e}); it is corrupt") from None
 
 
@@ -591,6 +674,7 @@ def _qkv_from_interleaved(t: Tensor, config: Config) -> Tensor:
 
 
 __all__ = [
+    "CheckpointWriteError",
     "MODEL_FILE",
     "CONFIG_FILE",
     "HPARAMS_FILE",

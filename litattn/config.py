@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from litattn.attention import normalize_attention_spec
+from litattn.attention.registry import merge_attention_specs
+from litattn.typecheck import check_value, field_hints
 
 
 @dataclass
@@ -41,9 +44,10 @@ class Config:
     """`learned` absolute positions (GPT-2) or rotary embeddings (Pythia, Llama, Mistral)."""
     rotary_percentage: float = 1.0
     """Fraction of each head's dimensions that RoPE rotates (Pythia: 0.25)."""
-    rope_base: int = 10000
-    rope_adjustments: dict[str, float] | None = None
-    """Llama-3 frequency scaling: factor, low_freq_factor, high_freq_factor, original_max_seq_len."""
+    rope_base: int | float = 10000
+    """RoPE's theta (an int for every published preset; a converted model may have a fractional one)."""
+    rope_adjustments: dict[str, int | float] | None = None
+    """Llama-3 frequency scaling: factor, low_freq_factor, high_freq_factor, original_max_seq_len (an int)."""
     parallel_residual: bool = False
     """x + attn(norm_1(x)) + mlp(norm_2(x)) (GPT-NeoX) instead of the sequential residual."""
     shared_attention_norm: bool = False
@@ -66,6 +70,7 @@ class Config:
     """Attention mechanism: `{"name": <registered name>, <its options>...}`; see `litattn attention list`."""
 
     def __post_init__(self) -> None:
+        self._check_values()
         if self.head_size is None:
             if self.n_embd % self.n_head:
                 raise ValueError(
@@ -85,6 +90,21 @@ class Config:
                 raise ValueError("LLaMAMLP needs an explicit intermediate_size")
             self.intermediate_size = 4 * self.n_embd
         self.attention = normalize_attention_spec(self.attention)
+
+    def _check_values(self) -> None:
+        """Each field against its type hint (a command-line "2" becomes 2), then the ranges: one-line ValueErrors."""
+        for key, hint in field_hints(type(self)).items():
+            if key != "attention":  # a spec: the attention registry checks it, option by option
+                setattr(self, key, check_value(getattr(self, key), hint, f"model config {key!r}"))
+        for key in _POSITIVE:
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"model config {key!r} must be >= 1, got {value}")
+        for key in ("norm_eps", "rope_base"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"model config {key!r} must be > 0, got {getattr(self, key)}")
+        if not 0 < self.rotary_percentage <= 1:
+            raise ValueError(f"model config 'rotary_percentage' must be in (0, 1], got {self.rotary_percentage}")
 
     @property
     def rope_n_elem(self) -> int:
@@ -132,6 +152,22 @@ class Config:
         from litattn.utils import atomic_write_text
 
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# Fields that must be >= 1 when set (None: derived in __post_init__, or off for sliding_window_size).
+_POSITIVE = (
+    "block_size",
+    "vocab_size",
+    "padded_vocab_size",
+    "padding_multiple",
+    "n_layer",
+    "n_head",
+    "n_query_groups",
+    "n_embd",
+    "head_size",
+    "intermediate_size",
+    "sliding_window_size",
+)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -259,52 +295,56 @@ def resolve_model_config(
 
     Overrides may use dotted keys (`attention.name`, as a command line gives them) and merge
     deeply (see `merge_overrides`): `{attention: {kernel: sdpa}}` updates the saved spec, while
-    `{attention: {name: ssa}}` replaces it.
+    `{attention: {name: ssa}}` switches mechanism, keeping the options SSA also has (a warning names
+    the ones it drops).
     """
     if base is None and model_name not in PRESETS:
         Config.from_name(model_name)  # raises the unknown-preset error
-    values = base.to_dict() if base is not None else {**PRESETS[model_name], "name": model_name}
-    overrides = _expand_dotted(overrides or {})
-    if isinstance(overrides.get("attention"), str):
-        overrides["attention"] = {"name": overrides["attention"]}
-    return Config.from_dict(merge_overrides(values, overrides))
+    if base is None:  # the default spec, so that `attention.kernel: sdpa` alone tunes it
+        values = {"attention": {"name": "causal"}, **PRESETS[model_name], "name": model_name}
+    else:
+        values = base.to_dict()
+    return Config.from_dict(merge_overrides(values, expand_overrides(overrides or {})))
 
 
 def merge_overrides(*layers: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge, later layers win. A mapping that names a different `name` than the one it
-    overrides (an attention spec switching mechanism) replaces it: the old options do not carry over."""
+    """Deep merge, later layers win. An `attention` value at any depth is an attention spec and merges by
+    the registry's rule (`merge_attention_specs`): naming another mechanism keeps the options it shares
+    with the old one and drops, with a warning, the rest. Any other mapping merges key by key."""
     out: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
             current = out.get(key)
-            if (
-                isinstance(value, dict)
-                and isinstance(current, dict)
-                and value.get("name", current.get("name")) == current.get("name")
-            ):
+            if key == "attention" and key in out:
+                out[key] = merge_attention_specs(current, value)
+            elif isinstance(value, dict) and isinstance(current, dict):
                 out[key] = merge_overrides(current, value)
             else:
                 out[key] = copy.deepcopy(value)
     return out
 
 
-def _expand_dotted(values: dict[str, Any]) -> dict[str, Any]:
-    """Nest dotted keys; `{"attention.name": "ssa", "attention": {"beta_init": 2.0}}` (what a command line
-    with `--model.attention.name ssa --model.attention.beta_init 2.0` can give) becomes one mapping."""
+OVERRIDE_KEY_SEPARATORS = (".", "/")
+"""What nests a key of an override mapping: `attention.name` (YAML, Python) or `attention/name` (what
+`litattn`'s command line turns `--model.attention.name` into: a key jsonargparse does not split)."""
+
+
+def expand_overrides(values: dict[str, Any] | Iterable[tuple[str, Any]], spec: bool = False) -> dict[str, Any]:
+    """Nest keys with a separator and merge them in order, deeply: `{"attention": {"name": "ssa", "beta_init":
+    1.5}, "attention/beta_init": 2.0}` (a YAML mapping plus `--model.attention.beta_init 2.0`) becomes
+    `{"attention": {"name": "ssa", "beta_init": 2.0}}`. Attention specs (`values` itself with `spec`) merge
+    as in `merge_overrides`. `values` may be (key, value) pairs, where keys repeat; the empty key merges a
+    mapping at the top."""
     out: dict[str, Any] = {}
-    for key, value in values.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        value = _expand_dotted(value) if isinstance(value, dict) else value
-        merge = isinstance(value, dict) and isinstance(node.get(leaf), dict)
-        node[leaf] = _union(node[leaf], value) if merge else value
-    return out
-
-
-def _union(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _union(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    for key, value in values.items() if isinstance(values, dict) else values:
+        path = [key]
+        for sep in OVERRIDE_KEY_SEPARATORS if isinstance(key, str) else ():
+            path = [part for p in path for part in p.split(sep) if part]
+        if isinstance(value, dict):
+            value = expand_overrides(value, spec or (bool(path) and path[-1] == "attention"))
+        elif not path:
+            raise ValueError(f"An override without a key must be a mapping, got {value!r}")
+        for part in reversed(path):
+            value = {part: value}
+        out = merge_attention_specs(out, value) if spec else merge_overrides(out, value)
     return out

@@ -730,8 +730,11 @@ def from_hf_main(checkpoint_dir: Path, out_dir: Path, dtype: str | None = None) 
         checkpoint_dir: A Hugging Face model directory: config.json, the weights (model.safetensors, sharded
             safetensors with their index, or pytorch_model.bin) and the tokenizer files.
         out_dir: The litattn checkpoint directory to write (model.safetensors, model_config.yaml, tokenizer).
-        dtype: Cast the weights to this dtype (float32, bfloat16, float16); default: keep the saved dtype.
+        dtype: Cast the weights to this dtype (float32, bfloat16, float16, float64); default: keep the saved dtype.
     """
+    allowed = ("float32", "bfloat16", "float16", "float64")
+    if dtype is not None and str(dtype).removeprefix("torch.") not in allowed:
+        raise ValueError(f"dtype must be one of {', '.join(allowed)} (or null to keep the saved dtype), got {dtype!r}")
     out = from_hf(checkpoint_dir, out_dir, dtype=dtype)
     print(f"Wrote litattn checkpoint {out}")
 
@@ -743,8 +746,11 @@ def to_hf_main(checkpoint_dir: Path, out_dir: Path, max_shard_size: str = "5GB")
         checkpoint_dir: A litattn checkpoint directory (model.safetensors, model_config.yaml, tokenizer files).
             Its attention must be `causal` and its architecture GPT-2, GPT-NeoX, Llama or Mistral style.
         out_dir: The Hugging Face directory to write (config.json, model.safetensors, tokenizer files).
-        max_shard_size: Largest weights file, e.g. "5GB" or "500MiB"; bigger models are sharded with an index.
+        max_shard_size: Largest weights file, e.g. "5GB" or "500MiB" (or bytes); bigger models are sharded with an
+            index.
     """
+    if _parse_size(max_shard_size) < 1:  # _parse_size: ValueError for what is not a size at all
+        raise ValueError(f"max_shard_size must be at least 1 byte, e.g. '5GB' or '500MiB', got {max_shard_size!r}")
     out = to_hf(checkpoint_dir, out_dir, max_shard_size=max_shard_size)
     print(f"Wrote Hugging Face checkpoint {out}")
 

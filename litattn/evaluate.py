@@ -55,16 +55,18 @@ def perplexity(
     """
     from lightning_fabric import Fabric
 
+    from litattn.args import check_range
     from litattn.checkpoint import load_with_tokenizer
     from litattn.pretrain.pretrain import validation_loss
 
     checkpoint_dir = Path(checkpoint_dir)
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-    if lengths is not None and (not lengths or any(int(n) < 1 for n in lengths)):
-        raise ValueError(f"lengths must be a non-empty list of positive token counts, got {lengths}")
+    check_range("micro_batch_size", micro_batch_size, ge=1)
+    check_range("max_batches", max_batches, ge=1, null="the whole validation split")
+    if lengths is not None:
+        if not lengths:
+            raise ValueError("lengths must be a non-empty list of token counts >= 1 (or null for block_size), got []")
+        for n in lengths:
+            check_range(f"lengths (each of {list(lengths)})", n, ge=1)
 
     fabric = Fabric(accelerator="auto", devices=1, precision=precision)
     fabric.launch()

@@ -49,12 +49,11 @@ def sample(
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    from litattn.args import check_range
+
+    check_range("temperature", temperature, ge=0)  # 0: greedy
+    check_range("top_k", top_k, ge=1, null="all tokens")
+    check_range("top_p", top_p, gt=0, le=1, null="all tokens")
 
 
 @torch.no_grad()
@@ -77,6 +76,8 @@ def generate(
     for each new token as soon as it is chosen. The KV cache is cleared afterwards.
     """
     _check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompt = prompt.flatten()
     T, context = prompt.numel(), model.max_seq_length
     if T == 0:
@@ -105,6 +106,23 @@ def generate(
     finally:
         model.clear_kv_cache()
     return torch.cat(tokens)
+
+
+def _fit_context(max_new_tokens: int, prompt_tokens: int, context: int) -> int:
+    """max_new_tokens, lowered (with a note on stderr) to the room the prompt leaves in the model's context."""
+    room = context - prompt_tokens
+    if room < 1:
+        raise ValueError(
+            f"The prompt has {prompt_tokens} tokens, which leave no room in the model's context of {context} "
+            "for a new token; shorten the prompt"
+        )
+    if max_new_tokens > room:
+        print(
+            f"litattn: note: max_new_tokens lowered from {max_new_tokens} to {room}, the room the "
+            f"{prompt_tokens}-token prompt leaves in the model's context of {context}",
+            file=sys.stderr,
+        )
+    return min(max_new_tokens, room)
 
 
 class IncrementalDecoder:
@@ -156,26 +174,34 @@ def main(
         prompt: Text to continue.
         instruction: Ask a finetuned model: this instruction, in the prompt template of `litattn finetune`,
             replaces `prompt`.
-        max_new_tokens: Most tokens to generate (fewer if the end-of-sequence token comes first).
+        max_new_tokens: Most tokens to generate (fewer if the end-of-sequence token comes first, or if the
+            model's context has less room left after the prompt: then a note on stderr says so).
         temperature: Softmax temperature; 0 picks the most likely token (greedy).
         top_k: Sample among the k most likely tokens only (None: all).
         top_p: Sample among the most likely tokens whose probability sums to top_p (None: all).
-        seed: Seed of the sampling generator, for reproducible output.
-        attention: Run with another attention spec than the checkpoint's, e.g. `{name: self_extend}`;
+        seed: Seed of the sampling generator, for reproducible output (0 to 2**32 - 1).
+        attention: Run with another attention spec than the checkpoint's, e.g. `{name: ssa}`;
             keys without a `name` update the saved spec's options.
 
     Returns:
         The generated text (without the prompt).
     """
+    from litattn.args import check_range, check_seed
     from litattn.checkpoint import load_with_tokenizer
     from litattn.data.instructions import format_prompt
 
+    check_range("max_new_tokens", max_new_tokens, ge=1)  # every argument before the model loads
+    _check_sampling(temperature, top_k, top_p)
+    check_seed("seed", seed)
     if instruction is not None:
         prompt = format_prompt(instruction)
     model, tokenizer, _ = load_with_tokenizer(checkpoint_dir, attention=attention)
     device = model.lm_head.weight.device
     model.eval()
     ids = tokenizer.encode(prompt, bos=getattr(tokenizer, "use_bos", False))  # as the checkpoint's tokenizer does
+    if not ids:
+        raise ValueError("The prompt is empty: generation needs at least one token to condition on")
+    max_new_tokens = _fit_context(max_new_tokens, len(ids), model.max_seq_length)
     generator = torch.Generator(device=device).manual_seed(seed)
     decoder = IncrementalDecoder(tokenizer, ids)
     pieces: list[str] = []

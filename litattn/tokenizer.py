@@ -11,13 +11,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from litattn.utils import atomic_write, content_key
+from litattn.utils import atomic_write, content_key, make_temp_dir, remove_stale_temps
 
 N_SET = 16
 """Number of SET tokens (`<|set_0|>` ... `<|set_15|>`) reserved in the table."""
@@ -274,14 +273,14 @@ def train_or_load_tokenizer(files: Sequence[Path], vocab_size: int, cache_dir: P
     stats = [(str(f), (s := f.stat()).st_size, s.st_mtime_ns) for f in files]
     key = content_key([stats, vocab_size, TOKENIZER_FORMAT_VERSION])
     final = cache_dir / f"tokenizer-{key}"
+    remove_stale_temps(cache_dir)  # left by runs killed mid-write
     if (final / "tokenizer.json").is_file():
         print(f"Reusing tokenizer {final}")
         return Tokenizer(final)
 
     size_mb = sum(s[1] for s in stats) / 1e6
     print(f"Training a {vocab_size}-token byte-level BPE tokenizer on {len(files)} files ({size_mb:.1f} MB) -> {final}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tokenizer-{key}.", suffix=".tmp", dir=cache_dir))
+    tmp = make_temp_dir(cache_dir, f"tokenizer-{key}")
     try:
         Tokenizer.train(files, vocab_size, tmp)
         try:

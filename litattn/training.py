@@ -3,11 +3,13 @@ validation and the throughput summary."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -90,12 +92,26 @@ def collate(dataset, indices: torch.Tensor, multiple: int = 8) -> dict[str, torc
 
 
 # ---------------------------------------------------------------------------------- stopping
-class StopSignal:
-    """SIGINT/SIGTERM set a flag that the loop checks after each optimizer step, so it can save
-    and exit cleanly; a second signal exits at once."""
+class Interrupted(BaseException):
+    """Raised by `StopSignal` when a signal arrives inside an interruptible section (validation, sampling).
 
-    def __init__(self) -> None:
+    A BaseException, like KeyboardInterrupt, so no `except Exception` on the way swallows it."""
+
+
+class StopSignal:
+    """SIGINT/SIGTERM stop a run without losing it. Outside sections the signal sets `received`, which
+    the loop checks after each optimizer step (then saves and exits); inside `section()` (validation,
+    sampling: work that saves nothing and may take long) it raises `Interrupted` at once, so the loop
+    saves what it has. A second signal exits immediately: any checkpoint being written is atomic,
+    so the last complete one survives.
+
+    With several processes (`interrupt_sections=False`) a signal never interrupts a section, since the
+    other ranks would wait in a collective: the stop is agreed on after the step (`should_stop`)."""
+
+    def __init__(self, interrupt_sections: bool = True) -> None:
         self.received: str | None = None
+        self.interrupt_sections = interrupt_sections
+        self._depth = 0
         self._previous = {}
 
     def __enter__(self) -> StopSignal:
@@ -110,9 +126,35 @@ class StopSignal:
         if self.received:
             sys.exit(128 + signum)
         self.received = signal.Signals(signum).name
+        if self._depth and self.interrupt_sections:
+            print(f"\n{self.received} received: stopping (send again to quit now)", file=sys.stderr)
+            raise Interrupted(self.received)
         print(
             f"\n{self.received} received: saving a checkpoint after this step (send again to quit now)", file=sys.stderr
         )
+
+    @contextlib.contextmanager
+    def section(self) -> Iterator[None]:
+        """Work that a signal may cut short (raising Interrupted), also when it came just before."""
+        if self.received and self.interrupt_sections:
+            raise Interrupted(self.received)
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+    def should_stop(self, fabric) -> bool:
+        """Whether any rank received a signal (one collective per call with several processes)."""
+        if fabric.world_size == 1:
+            return self.received is not None
+        flag = torch.tensor(float(self.received is not None), device=fabric.device)
+        return bool(fabric.all_reduce(flag, reduce_op="sum").item() > 0)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number: the shell's code for a process that a signal ended."""
+        return 128 + signal.Signals[self.received].value if self.received else 0
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

@@ -5,9 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
+import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+# `.<name>.<pid>.<8 random chars>.tmp`: the writer's pid tells a stale temp (its process is gone) from a live one
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp")
+_UNOWNED_TEMP_AGE_S = 3600.0
+"""A temp without a pid (written by an older litattn) counts as stale once untouched for this long."""
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -17,7 +26,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -32,6 +41,55 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def make_temp_dir(directory: Path, name: str) -> Path:
+    """Create `directory/.<name>.<pid>.<random>.tmp/` to fill and rename into place; `remove_stale_temps`
+    recognises it as this process's, so a run killed mid-write leaves nothing behind for long."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()  # mkdir (not mkdtemp) so the directory gets the usual umask permissions
+    return tmp
+
+
+def remove_stale_temps(directory: Path, everything: bool = False) -> list[Path]:
+    """Delete the temp files and directories (`.*.tmp`) in `directory` that no live process is writing:
+    those whose pid has exited (a SIGKILLed save or tokenization), or all of them with `everything`
+    (the caller holds the directory's lock). Returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.glob(".*.tmp"):
+        match = _TEMP.fullmatch(path.name)
+        try:
+            if match:
+                stale = everything or not _pid_alive(int(match["pid"]))
+            else:
+                stale = everything or time.time() - path.lstat().st_mtime > _UNOWNED_TEMP_AGE_S
+            if not stale:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # its owner finished and renamed it meanwhile
+            continue
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _umask() -> int:

@@ -2,8 +2,8 @@
 
     litattn visualize attention --checkpoint_dir out/pretrain/final --prompt "def add(a, b):" [--layers [0,1]]
 
-The maps are what the configured mechanism computes (`GPT.attention_maps`), so a mask, a scaling or
-remapped positions (SSA, Self-Extend, Disrupt, ...) show as the model sees them. One panel per layer x head
+The maps are what the configured mechanism computes (`GPT.attention_maps`), so a mask, a scaling (SSA)
+or remapped positions show as the model sees them. One panel per layer x head
 (or per layer with the heads averaged); probabilities that are exactly 0 (masked keys) are grey. The colour
 scale is a square root, so the small weights next to a dominant one stay visible.
 """
@@ -40,7 +40,7 @@ def attention(
         layers: Layer indexes to draw (negative counts from the end); default: all.
         heads: Head indexes to draw (negative counts from the end); default: all.
         average_heads: Draw the mean over the chosen heads, one panel per layer.
-        attention_spec: Draw another attention spec than the checkpoint's, e.g. `{name: self_extend}`;
+        attention_spec: Draw another attention spec than the checkpoint's, e.g. `{name: causal}`;
             keys without a `name` update the saved spec's options.
 
     Returns:
@@ -52,6 +52,8 @@ def attention(
     _require_matplotlib()
     checkpoint_dir = Path(checkpoint_dir)
     model, tokenizer, config = load_with_tokenizer(checkpoint_dir, attention=attention_spec)
+    _indexes(layers, config.n_layer, "layer")  # out of range: an error now, before any map is computed
+    _indexes(heads, config.n_head, "head")
     ids = tokenizer.encode(prompt, bos=tokenizer.use_bos)
     if not ids:
         raise ValueError("The prompt is empty: there is no attention to draw")
@@ -95,10 +97,13 @@ def _indexes(requested: list[int] | None, n: int, what: str) -> list[int]:
     if requested is None:
         return list(range(n))
     if not requested:
-        raise ValueError(f"No {what}s chosen: pass at least one {what} index, or none for all")
+        raise ValueError(f"{what}s: none chosen: pass at least one {what} index, or null for all")
     bad = [i for i in requested if not -n <= i < n]
     if bad:
-        raise ValueError(f"{what} index(es) {bad} out of range: the model has {n} {what}s (0..{n - 1}, or -{n}..-1)")
+        raise ValueError(
+            f"{what}s: {what} index(es) {bad} out of range: the model has {n} {what}s (0..{n - 1}, or -{n}..-1 "
+            "from the end)"
+        )
     return [i % n for i in requested]
 
 
@@ -162,7 +167,7 @@ def token_label(text: str, max_chars: int = 10) -> str:
 
 
 def describe_spec(spec: dict) -> str:
-    """`self_extend(group_size=4, window=512)`: the mechanism name and its options beyond the kernel."""
+    """`ssa(identity_init=True)`: the mechanism name and its options beyond the kernel."""
     options = {k: v for k, v in spec.items() if k not in ("name", "module", "kernel")}
     return spec["name"] + (f"({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
 

@@ -25,6 +25,7 @@ from litattn.config import Config
 from litattn.data import DataModule, StdlibCorpus
 from litattn.plan import TrainingPlan
 from litattn.training import (
+    Interrupted,
     StopSignal,
     Throughput,
     collate,
@@ -46,6 +47,7 @@ def setup(
     tokenizer_dir: Path | None = None,
     initial_checkpoint_dir: Path | None = None,
     resume: bool | Literal["auto"] | Path = False,
+    overwrite: bool = False,
     train: TrainArgs = TrainArgs(),
     eval: EvalArgs = EvalArgs(),
     optimizer: OptimizerArgs = OptimizerArgs(),
@@ -69,6 +71,8 @@ def setup(
         tokenizer_dir: Directory with tokenizer.json or tokenizer.model; default: train a BPE on the data.
         initial_checkpoint_dir: Start from these weights (no optimizer state).
         resume: Continue a run: `auto` (the newest checkpoint in out_dir, if any) or a checkpoint path.
+        overwrite: Delete the checkpoints and logs of a previous run in out_dir first. Without it a run refuses
+            an out_dir that holds another run's checkpoints (resume it, or choose another out_dir).
         train: Batch sizes, stopping limits and checkpointing.
         eval: Validation schedule.
         optimizer: AdamW and LR schedule.
@@ -83,7 +87,10 @@ def setup(
         cache_dir: Where the trained tokenizer and tokenized data are cached.
     """
     hyperparameters = _hyperparameters(dict(locals()))
+    from litattn.args import check_run_args
     from litattn.config import resolve_model_config
+
+    check_run_args(seed=seed, devices=devices, num_nodes=num_nodes, train=train)  # before any work
 
     data = StdlibCorpus() if data is None else data
     plan = TrainingPlan(resolve_model_config(model_name, model), initial_checkpoint_dir)
@@ -103,6 +110,7 @@ def setup(
         seed,
         cache_dir,
         hyperparameters,
+        overwrite=overwrite,
     )
     if code:
         sys.exit(code)
@@ -143,23 +151,53 @@ def fit(
     cache_dir: Path,
     hyperparameters: dict[str, Any],
     epoch_start_hooks: list[Callable[[int], None]] = (),
+    overwrite: bool = False,
 ) -> int:
-    """Run the training loop; returns the process exit code (0 done or stopped cleanly, 1 diverged).
+    """Run the training loop; returns the process exit code (0 done, or stopped by a signal and saved;
+    1 diverged; 128 + signal when stopped before the first optimizer step, with nothing to save).
 
     `plan` says what trains and what checkpoints hold (litattn/plan.py): pretraining trains everything,
-    the finetuning methods a part, LoRA saves merged weights."""
+    the finetuning methods a part, LoRA saves merged weights. The run first claims out_dir
+    (litattn/run_dir.py: one run per directory), then resumes from there or starts afresh."""
+    if (train.max_seq_length or plan.config.block_size) > plan.config.block_size:
+        raise ValueError(
+            f"train.max_seq_length={train.max_seq_length} exceeds the model's block_size={plan.config.block_size}"
+        )
+    run = _claim_out_dir(fabric, Path(out_dir), resume, overwrite)
+    try:
+        return _fit(
+            fabric, plan, data, Path(out_dir), tokenizer_dir, run.resume_dir, train, eval, optimizer_args, log,
+            compile, seed, cache_dir, hyperparameters, epoch_start_hooks,
+        )  # fmt: skip
+    finally:
+        run.release()
+
+
+def _fit(
+    fabric,
+    plan: TrainingPlan,
+    data: DataModule,
+    out_dir: Path,
+    tokenizer_dir: Path | None,
+    resume_dir: Path | None,
+    train: TrainArgs,
+    eval: EvalArgs,
+    optimizer_args: OptimizerArgs,
+    log: LogArgs,
+    compile: bool,
+    seed: int,
+    cache_dir: Path,
+    hyperparameters: dict[str, Any],
+    epoch_start_hooks: list[Callable[[int], None]],
+) -> int:
     from litattn import checkpoint as ckpt
-    from litattn.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
-    out_dir, config = Path(out_dir), plan.config
+    config = plan.config
     seq_len = train.max_seq_length or config.block_size
-    if seq_len > config.block_size:
-        raise ValueError(f"train.max_seq_length={seq_len} exceeds the model's block_size={config.block_size}")
-
     # ---- data and tokenizer (rank 0 prepares the cache, the others then read it)
     with fabric.rank_zero_first():
-        tokenizer = Tokenizer(tokenizer_dir) if tokenizer_dir else None
+        tokenizer = run_tokenizer(tokenizer_dir, resume_dir or plan.initial_checkpoint_dir)
         tokenizer = data.setup(tokenizer, config.vocab_size, seq_len, Path(cache_dir))
     tokenizer.check_fits(config.padded_vocab_size)
     train_data, val_data = data.train_dataset(), data.val_dataset()
@@ -182,7 +220,6 @@ def fit(
     total_steps = _total_steps(train, steps_per_epoch, tokens_per_step)
 
     # ---- model and optimizer
-    resume_dir = _resume_dir(resume, out_dir)
     model = plan.build(fabric, resuming=resume_dir is not None)
     if compile:
         for block in model.transformer.h:
@@ -201,18 +238,28 @@ def fit(
     if resume_dir is not None:
         _load_resumable(plan, resume_dir, _unwrap(model), optimizer, state)
         fabric.print(f"Resumed from {resume_dir} at step {state['step']} (epoch {state['epoch']})")
+    saved_steps: dict[str, int] = {}  # checkpoint directory name -> the step it holds (this run's saves)
 
-    def save(directory: Path) -> None:
+    def save(name: str) -> None:
         if fabric.global_rank == 0:
-            ckpt.save_checkpoint(
-                directory,
-                plan.weights(_unwrap(model)),
-                config,
-                tokenizer,
-                hyperparameters,
-                training_state={**_training_state(optimizer, state, seed), **plan.resume_state(_unwrap(model))},
-            )
+            try:
+                ckpt.save_checkpoint(
+                    out_dir / name,
+                    plan.weights(_unwrap(model)),
+                    config,
+                    tokenizer,
+                    hyperparameters,
+                    training_state={**_training_state(optimizer, state, seed), **plan.resume_state(_unwrap(model))},
+                )
+            except ckpt.CheckpointWriteError as e:
+                kept = ckpt.latest_checkpoint(out_dir)
+                raise ckpt.CheckpointWriteError(
+                    f"{e}. "
+                    + (f"The last good checkpoint, {kept}, is kept" if kept else "No checkpoint was saved")
+                    + "; free space or fix the directory, then --resume auto"
+                ) from e.__cause__
         fabric.barrier()
+        saved_steps[name] = state["step"]
 
     def validate(max_iters: int | None) -> float:
         return validation_loss(fabric, model, val_data, micro, max_iters)
@@ -225,113 +272,191 @@ def fit(
             model.train()
 
     # ---- the loop
-    val_loss = float("nan")
+    val_loss, val_label = float("nan"), "final val loss"
     fabric.print(
         f"Training {train.limits()} ({total_steps or '?'} steps of {global_batch} x {seq_len} tokens; "
         f"{steps_per_epoch} steps per epoch; micro batch {micro} x {accum} accumulation x {world} devices)"
     )
-    if eval.initial_validation:
-        val_loss = validate(eval.max_iters)
-        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["step"])
-        fabric.print(f"step {state['step']}: val loss {val_loss:.4f} (before training)")
     throughput = Throughput()
     first_step_logged = False
     progress = _progress(fabric, log, total_steps, state["step"])
-    exit_code = 0
-    with StopSignal() as stop:
-        while not _done(state, train, total_steps, throughput):
-            if state["epoch_step"] == 0:
-                for hook in epoch_start_hooks:
-                    hook(state["epoch"])
-            order = epoch_order(len(train_data), seed, state["epoch"])
-            start = state["epoch_step"] * global_batch
-            batch_indices = order[start : start + global_batch].view(accum * world, micro)
-            lr = lr_at(state["step"], optimizer_args, train.lr_warmup_steps, total_steps)
-            set_lr(optimizer, lr)
-            loss_sum = torch.zeros((), device=fabric.device)
-            counts = torch.zeros(2, dtype=torch.long)  # (tokens, loss tokens) of this step on this rank
-            for micro_step in range(accum):
-                batch = collate(train_data, batch_indices[micro_step * world + fabric.global_rank])
-                counts += torch.stack([torch.tensor(batch["input_ids"].numel()), (batch["labels"] != -100).sum()])
-                batch = {k: v.to(fabric.device) for k, v in batch.items()}
-                with fabric.no_backward_sync(model, enabled=micro_step < accum - 1):
-                    # fabric.autocast: on one device Fabric does not route marked methods through forward
-                    with fabric.autocast():
-                        loss = model.loss(
-                            batch.pop("input_ids"), batch.pop("labels"), chunk_size=train.loss_chunk_size, **batch
-                        )
-                    fabric.backward(loss / accum)
-                loss_sum += loss.detach()
-            if not torch.isfinite(loss_sum):
-                fabric.print(
-                    f"Loss is {loss_sum.item()} at step {state['step']}: stopping. The last good checkpoint is kept; "
-                    "lower optimizer.lr or raise train.lr_warmup_steps, then --resume auto"
-                )
-                exit_code = 1
-                break
-            if train.max_norm:
-                fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                counts = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").cpu()
-            state["step"] += 1
-            state["epoch_step"] += 1
-            state["tokens"] += int(counts[0])
-            state["loss_tokens"] += int(counts[1])
-            throughput.tokens += int(counts[0])
-            if state["epoch_step"] >= steps_per_epoch:
-                state["epoch"] += 1
-                state["epoch_step"] = 0
-            if not first_step_logged:
-                fabric.print(f"First optimizer step done {time.perf_counter() - t0:.1f}s after start")
-                first_step_logged = True
+    training_done = False
+    with StopSignal(interrupt_sections=world == 1) as stop:
+        try:
+            if eval.initial_validation:
+                with stop.section():
+                    val_loss = validate(eval.max_iters)
+                fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["step"])
+                fabric.print(f"step {state['step']}: val loss {val_loss:.4f} (before training)")
+            while not _done(state, train, total_steps, throughput):
+                if state["epoch_step"] == 0:
+                    for hook in epoch_start_hooks:
+                        hook(state["epoch"])
+                order = epoch_order(len(train_data), seed, state["epoch"])
+                start = state["epoch_step"] * global_batch
+                batch_indices = order[start : start + global_batch].view(accum * world, micro)
+                lr = lr_at(state["step"], optimizer_args, train.lr_warmup_steps, total_steps)
+                set_lr(optimizer, lr)
+                loss_sum = torch.zeros((), device=fabric.device)
+                counts = torch.zeros(2, dtype=torch.long)  # (tokens, loss tokens) of this step on this rank
+                for micro_step in range(accum):
+                    batch = collate(train_data, batch_indices[micro_step * world + fabric.global_rank])
+                    counts += torch.stack([torch.tensor(batch["input_ids"].numel()), (batch["labels"] != -100).sum()])
+                    batch = {k: v.to(fabric.device) for k, v in batch.items()}
+                    with fabric.no_backward_sync(model, enabled=micro_step < accum - 1):
+                        # fabric.autocast: on one device Fabric does not route marked methods through forward
+                        with fabric.autocast():
+                            loss = model.loss(
+                                batch.pop("input_ids"), batch.pop("labels"), chunk_size=train.loss_chunk_size, **batch
+                            )
+                        fabric.backward(loss / accum)
+                    loss_sum += loss.detach()
+                if not torch.isfinite(loss_sum):
+                    progress.close()
+                    fabric.print(
+                        f"Loss is {loss_sum.item()} at step {state['step']}: stopping. The last good checkpoint is "
+                        "kept; lower optimizer.lr or raise train.lr_warmup_steps, then --resume auto"
+                    )
+                    fabric.logger.finalize("failed")
+                    return 1
+                if train.max_norm:
+                    fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if world > 1:
+                    counts = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").cpu()
+                state["step"] += 1
+                state["epoch_step"] += 1
+                state["tokens"] += int(counts[0])
+                state["loss_tokens"] += int(counts[1])
+                throughput.tokens += int(counts[0])
+                if state["epoch_step"] >= steps_per_epoch:
+                    state["epoch"] += 1
+                    state["epoch_step"] = 0
+                if not first_step_logged:
+                    fabric.print(f"First optimizer step done {time.perf_counter() - t0:.1f}s after start")
+                    first_step_logged = True
 
-            if state["step"] % train.log_interval == 0 or state["step"] == total_steps:
-                train_loss = fabric.all_reduce(loss_sum / accum, reduce_op="mean").item()
-                metrics = {
-                    "train_loss": train_loss,
-                    "lr": lr,
-                    "tokens": state["tokens"],
-                    "loss_tokens": state["loss_tokens"],
-                    "epoch": state["epoch"],
-                    "tokens_per_sec": throughput.tokens_per_sec,
-                }
-                fabric.log_dict(metrics, step=state["step"])
-                progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{throughput.tokens_per_sec:,.0f}", refresh=False)
-            if eval.interval and state["step"] % eval.interval == 0:
-                val_loss = validate(eval.max_iters)
+                if state["step"] % train.log_interval == 0 or state["step"] == total_steps:
+                    train_loss = fabric.all_reduce(loss_sum / accum, reduce_op="mean").item()
+                    metrics = {
+                        "train_loss": train_loss,
+                        "lr": lr,
+                        "tokens": state["tokens"],
+                        "loss_tokens": state["loss_tokens"],
+                        "epoch": state["epoch"],
+                        "tokens_per_sec": throughput.tokens_per_sec,
+                    }
+                    fabric.log_dict(metrics, step=state["step"])
+                    progress.set_postfix(
+                        loss=f"{train_loss:.3f}", tok_s=f"{throughput.tokens_per_sec:,.0f}", refresh=False
+                    )
+                if eval.interval and state["step"] % eval.interval == 0:
+                    with stop.section():
+                        val_loss = validate(eval.max_iters)
+                        fabric.log_dict(
+                            {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "tokens": state["tokens"]},
+                            step=state["step"],
+                        )
+                        ppl = math.exp(val_loss)
+                        progress.write(f"step {state['step']}: val loss {val_loss:.4f}, val ppl {ppl:.2f}")
+                        if log.sample_at_validation and state["step"] != total_steps:  # the final sample follows
+                            write_sample()
+                progress.update(1)
+                if train.save_interval and state["step"] % train.save_interval == 0:
+                    save(ckpt.step_dir_name(state["step"]))
+                if stop.should_stop(fabric):
+                    raise Interrupted(stop.received)
+            progress.close()
+            training_done = True
+            elapsed = throughput.elapsed
+            if eval.final_validation:
+                with stop.section():
+                    val_loss = validate(None)
                 fabric.log_dict(
                     {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "tokens": state["tokens"]}, step=state["step"]
                 )
-                progress.write(f"step {state['step']}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
-                if log.sample_at_validation and state["step"] != total_steps:  # the final sample follows
-                    write_sample()
-            progress.update(1)
-            if train.save_interval and state["step"] % train.save_interval == 0:
-                save(out_dir / ckpt.step_dir_name(state["step"]))
-            if stop.received:
-                save(out_dir / ckpt.step_dir_name(state["step"]))
-                progress.close()
-                fabric.print(f"Stopped by {stop.received}; saved step {state['step']}. Continue with --resume auto")
-                fabric.logger.finalize("interrupted")
-                return 0
-    progress.close()
-    if exit_code:
-        fabric.logger.finalize("failed")
-        return exit_code
-
-    elapsed = throughput.elapsed
-    if eval.final_validation:
-        val_loss = validate(None)
-        fabric.log_dict(
-            {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "tokens": state["tokens"]}, step=state["step"]
-        )
-    save(out_dir / "final")
-    _summary(fabric, _unwrap(model), throughput, elapsed, seq_len, val_loss, state, out_dir)
-    fabric.logger.finalize("success")
-    write_sample()
+            elif math.isfinite(val_loss):
+                val_label = f"last val loss ({eval.max_iters or 'all'} batches, step {state['step']})"
+            save("final")
+            if stop.should_stop(fabric):
+                raise Interrupted(stop.received)
+            with stop.section():
+                _summary(fabric, _unwrap(model), throughput, elapsed, seq_len, val_loss, val_label, state, out_dir)
+                fabric.logger.finalize("success")
+                write_sample()
+        except Interrupted:
+            progress.close()
+            return _stopped(fabric, stop, state, saved_steps, save, training_done, out_dir)
     return 0
+
+
+def _stopped(fabric, stop: StopSignal, state: dict, saved_steps: dict, save, training_done: bool, out_dir: Path) -> int:
+    """Save what a signal interrupted (unless saved already) and say how to continue; the exit code."""
+    from litattn import checkpoint as ckpt
+
+    if state["step"] == 0:
+        fabric.print(f"Stopped by {stop.received} before the first optimizer step: nothing trained, nothing saved")
+        fabric.logger.finalize("interrupted")
+        return stop.exit_code
+    name = "final" if training_done else ckpt.step_dir_name(state["step"])
+    if saved_steps.get(name) != state["step"]:
+        save(name)
+        how = "continue with --resume auto"
+        if training_done:
+            how = "the final validation was skipped; --resume auto runs it"
+        fabric.print(f"Stopped by {stop.received}; saved {out_dir / name} (step {state['step']}): {how}")
+    else:
+        fabric.print(f"Stopped by {stop.received} after saving {out_dir / name} (step {state['step']})")
+    fabric.logger.finalize("interrupted")
+    return 0
+
+
+def _claim_out_dir(fabric, out_dir: Path, resume, overwrite: bool):
+    """Rank 0 claims out_dir (litattn/run_dir.py); every rank learns the outcome, so an error stops all
+    of them (not only rank 0, leaving the others waiting at the next collective)."""
+    from litattn import run_dir
+
+    claim, error = None, None
+    if fabric.global_rank == 0:
+        try:
+            claim = run_dir.claim(out_dir, resume, overwrite)
+        except (ValueError, FileNotFoundError) as e:
+            error = e
+    if fabric.world_size > 1:
+        outcome = fabric.broadcast((str(claim.resume_dir) if claim and claim.resume_dir else None, error), src=0)
+        if fabric.global_rank != 0:
+            resume_dir, error = outcome
+            claim = run_dir.RunClaim(out_dir, Path(resume_dir) if resume_dir else None)
+    if error is not None:
+        raise error
+    return claim
+
+
+def run_tokenizer(tokenizer_dir: Path | None, checkpoint_dir: Path | None):
+    """The tokenizer a run uses: a run that starts from a checkpoint (resumed, initial weights, finetuning)
+    keeps the checkpoint's, since its weights were trained on those ids; `tokenizer_dir` may name it too,
+    but a different one is an error. Otherwise `tokenizer_dir`'s, or None (the data module trains one)."""
+    from litattn import checkpoint as ckpt
+    from litattn.tokenizer import Tokenizer
+
+    given = Tokenizer(tokenizer_dir) if tokenizer_dir else None
+    if checkpoint_dir is None:
+        return given
+    if not ckpt.has_tokenizer(checkpoint_dir):
+        if given is not None:
+            return given
+        raise FileNotFoundError(
+            f"{checkpoint_dir} has no tokenizer (tokenizer.json or tokenizer.model), and its weights need the one "
+            "they were trained with: copy it into the directory or pass it with --tokenizer_dir"
+        )
+    own = Tokenizer(checkpoint_dir)
+    if given is not None and given.fingerprint() != own.fingerprint():
+        raise ValueError(
+            f"--tokenizer_dir {tokenizer_dir} differs from the tokenizer of {checkpoint_dir}, whose weights were "
+            "trained on that one's ids: leave --tokenizer_dir out to use the checkpoint's"
+        )
+    return own
 
 
 @torch.no_grad()
@@ -405,22 +530,6 @@ def _load_resumable(plan: TrainingPlan, directory: Path, model, optimizer, state
     ckpt.set_rng_state(saved["rng"])
 
 
-def _resume_dir(resume, out_dir: Path) -> Path | None:
-    from litattn import checkpoint as ckpt
-
-    if resume is False or resume is None:
-        return None
-    if resume is True or resume == "auto":
-        found = ckpt.latest_checkpoint(out_dir)
-        if found is None and resume is True:
-            raise FileNotFoundError(f"--resume: no checkpoint found in {out_dir}")
-        return found
-    path = Path(resume)
-    if not (path / "training_state.pt").is_file():
-        raise FileNotFoundError(f"--resume {path}: not a resumable checkpoint (no training_state.pt)")
-    return path
-
-
 def _make_logger(log: LogArgs, out_dir: Path):
     from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 
@@ -447,7 +556,15 @@ def _progress(fabric, log: LogArgs, total: int | None, initial: int):
 
 
 def _summary(
-    fabric, model, throughput: Throughput, elapsed: float, seq_len: int, val_loss: float, state: dict, out_dir: Path
+    fabric,
+    model,
+    throughput: Throughput,
+    elapsed: float,
+    seq_len: int,
+    val_loss: float,
+    val_label: str,
+    state: dict,
+    out_dir: Path,
 ) -> None:
     """Print the run's figures and write them to out_dir/summary.json (what `litattn ablate` tabulates)."""
     import json
@@ -463,7 +580,7 @@ def _summary(
         f"Done: {throughput.tokens:,} tokens in {elapsed:.1f}s = {tokens_per_sec:,.0f} tokens/s; "
         f"peak memory {memory / 2**30:.2f} GiB; "
         f"MFU {achieved / peak:.1%} of {peak / 1e12:.2f} TFLOP/s measured matmul peak ({dtype}); "
-        + (f"final val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}); " if math.isfinite(val_loss) else "")
+        + (f"{val_label} {val_loss:.4f} (ppl {math.exp(val_loss):.2f}); " if math.isfinite(val_loss) else "")
         + f"saved {out_dir / 'final'}"
     )
     summary = {
@@ -475,6 +592,7 @@ def _summary(
         "peak_memory_bytes": memory,
         "mfu": achieved / peak,
         "val_loss": val_loss if math.isfinite(val_loss) else None,
+        "val_loss_is": val_label,
         "parameters": model.num_parameters(),
         "mechanism_parameters": model.mechanism_parameters(),
     }

@@ -63,8 +63,9 @@ def test_resolve_model_config_merges_attention_overrides():
     base = Config.from_name("tiny-llama", attention={"name": "ssa", "beta_init": 1.5, "base": {"name": "causal"}})
     kept = resolve_model_config("tiny-llama", {"attention.base.kernel": "sdpa"}, base=base)
     assert kept.attention["beta_init"] == 1.5 and kept.attention["base"] == {"name": "causal", "kernel": "sdpa"}
-    switched = resolve_model_config("tiny-llama", {"attention": {"name": "causal"}}, base=base)
-    assert switched.attention == {"name": "causal", "kernel": "auto"}  # ssa's options do not carry over
+    with pytest.warns(UserWarning, match=r"switching 'ssa' -> 'causal' drops option\(s\) .*beta_init.*base"):
+        switched = resolve_model_config("tiny-llama", {"attention": {"name": "causal"}}, base=base)
+    assert switched.attention == {"name": "causal", "kernel": "auto"}  # ssa's own options do not carry over
     assert resolve_model_config("tiny-llama", {"n_layer": 3}).n_layer == 3
     with pytest.raises(ValueError, match="Unknown model preset"):
         resolve_model_config("gpt-5")

@@ -171,7 +171,9 @@ def _cli(*args, **kwargs):
 
 
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, corpus):
-    common = debug_pretrain_args(corpus, tmp_path / "cache", "--log.sample_prompt", "null", extensions="[.py]")
+    common = debug_pretrain_args(
+        corpus, tmp_path / "cache", "--log.sample_prompt", "null", "--eval.final_validation", "true", extensions="[.py]"
+    )  # the final validation reads every window, on one process or two
     one = _cli(*common, "--out_dir", str(tmp_path / "one"), "--devices", "1")
     assert one.returncode == 0, one.stderr[-2000:]
     two = _cli(*common, "--out_dir", str(tmp_path / "two"), "--devices", "2", "--strategy", "ddp")

@@ -7,10 +7,14 @@ litattn (decorated with `@register_attention`) is selected from a YAML file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from litattn.typecheck import check_value, field_hints
 
 if TYPE_CHECKING:
     from litattn.attention.base import AttentionMechanism
@@ -57,12 +61,20 @@ def describe(cls: type[AttentionMechanism]) -> str:
 
 
 def parse_options(cls: type[AttentionMechanism], values: dict[str, Any]) -> Any:
-    """Build `cls.Options` from a dict; a misspelt key is an error, never a silent default."""
-    fields = {f.name for f in dataclasses.fields(cls.Options)}
-    unknown = sorted(set(values) - fields)
+    """Build `cls.Options` from a dict; a misspelt key is an error, never a silent default.
+
+    Every value is checked against its field's type hint (and a command-line string converted to it,
+    `"2"` -> 2.0 for a float) here, once for every mechanism, so `validate_options` sees typed values.
+    """
+    hints = field_hints(cls.Options)
+    unknown = sorted(set(values) - set(hints))
     if unknown:
-        valid = ", ".join(sorted(fields)) or "none"
+        valid = ", ".join(sorted(hints)) or "none"
         raise ValueError(f"Unknown option(s) {unknown} for attention {cls.registered_name!r}. Valid options: {valid}")
+    values = {
+        key: check_value(value, hints[key], f"attention {cls.registered_name!r} option {key!r}")
+        for key, value in values.items()
+    }
     options = cls.Options(**values)
     cls.validate_options(options)
     return options
@@ -75,17 +87,14 @@ def normalize_attention_spec(spec: str | dict[str, Any] | None) -> dict[str, Any
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, dict):
-        raise TypeError(f"attention must be a mapping like {{'name': 'causal'}}, got {spec!r}")
+        raise ValueError(f"attention must be a mapping like {{'name': 'causal'}}, got {spec!r}")
     values = dict(spec)
     name = values.pop("name", None)
     if not name:
         raise ValueError("The attention spec needs a `name`, e.g. attention: {name: causal}")
     module = values.pop("module", None)
     if module:
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise ValueError(f"Cannot import attention module {module!r} named in the attention spec: {e}") from e
+        _import_module(module)
     cls = get_attention(name)
     options = parse_options(cls, values)
     out: dict[str, Any] = {"name": name}
@@ -100,3 +109,46 @@ def split_spec(spec: dict[str, Any]) -> tuple[type[AttentionMechanism], Any]:
     values = {k: v for k, v in spec.items() if k not in ("name", "module")}
     cls = get_attention(spec["name"])
     return cls, parse_options(cls, values)
+
+
+def merge_attention_specs(old: Any, new: Any, where: str = "attention") -> Any:
+    """`new` (an override, perhaps partial) merged into the spec `old`, key by key at any depth.
+
+    Same mechanism (or `new` names none): a deep merge. A different `name` switches mechanism: the old
+    options the new mechanism also has are kept (`kernel`, say), the others are dropped with one warning
+    that names them. Mapping-valued options (SSA's `base` spec) merge by the same rule. Strings are
+    names (`"ssa"` means `{name: ssa}`); None or a non-mapping `old` is simply replaced.
+    """
+    if isinstance(new, str):
+        new = {"name": new}
+    if isinstance(old, str) and isinstance(new, dict):
+        old = {"name": old}
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return copy.deepcopy(new)
+    old_name, new_name = old.get("name"), new.get("name")
+    out = copy.deepcopy(old)
+    if old_name is not None and new_name is not None and new_name != old_name:
+        if new.get("module"):
+            _import_module(new["module"])
+        shared = {f.name for f in dataclasses.fields(get_attention(new_name).Options)}
+        dropped = [k for k in old if k not in shared and k not in ("name", "module")]
+        if dropped:
+            warnings.warn(
+                f"{where}: switching {old_name!r} -> {new_name!r} drops option(s) {', '.join(dropped)} "
+                f"({new_name!r} does not have them)",
+                stacklevel=2,
+            )
+        out = {"name": new_name, **{k: v for k, v in out.items() if k in shared}}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), (dict, str)) and key not in ("name", "module"):
+            out[key] = merge_attention_specs(out[key], value, f"{where}.{key}")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _import_module(module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"Cannot import attention module {module!r} named in the attention spec: {e}") from e

@@ -75,8 +75,8 @@ class SSAOptions(AttentionOptions):
     """alpha: token and value temperatures stay in (1 - alpha, 1 + alpha); 0 < alpha < 1."""
     identity_init: bool = False
     """Start as exactly the base model's function (position gate 0, token/value temperatures 1)."""
-    base: dict[str, Any] = field(default_factory=lambda: {"name": "causal"})
-    """The wrapped mechanism's spec (name + options); stored fully normalized."""
+    base: dict[str, Any] | str = field(default_factory=lambda: {"name": "causal"})
+    """The wrapped mechanism's spec (name + options; or just its name); stored fully normalized."""
     # `kernel` (inherited): when not `auto`, it is handed to the base, whose kernel it becomes.
 
 
@@ -116,8 +116,8 @@ class SelectiveSelfAttention(AttentionMechanism):
         if isinstance(options.base, str):
             options.base = {"name": options.base}
         if not isinstance(options.base, dict):
-            raise TypeError(f"ssa: base must be a mapping like {{'name': 'causal'}}, got {options.base!r}")
-        base = dict(options.base)
+            raise ValueError(f"ssa: base must be a mapping like {{'name': 'causal'}}, got {options.base!r}")
+        base = {"name": "causal", **options.base}  # `base: {kernel: sdpa}` tunes the default base
         if options.kernel != "auto":  # hand SSA's kernel down to the mechanism that runs one
             base_kernel = base.get("kernel", "auto")
             if base_kernel not in ("auto", options.kernel):

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from litattn.data.base import DataModule
 from litattn.data.text_files import _held_out
 from litattn.tokenizer import Tokenizer
-from litattn.utils import atomic_write, content_key
+from litattn.utils import atomic_write, content_key, remove_stale_temps
 
 ALPACA_PROMPT: dict[str, str] = {
     "input": (
@@ -293,6 +293,7 @@ def tokenize_examples(
         ]
     )
     path = Path(cache_dir) / f"instructions-{key}.npz"
+    remove_stale_temps(path.parent)  # left by runs killed mid-write
     cached = _load_tokens(path, len(examples))
     reused = cached is not None
     if cached is None:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from litattn.data.base import token_dtype
 from litattn.tokenizer import Tokenizer, read_text
-from litattn.utils import atomic_write_text, content_key
+from litattn.utils import atomic_write_text, content_key, make_temp_dir, remove_stale_temps
 
 DATA_FORMAT_VERSION = 1
 """Bump when the token files' layout changes, so old caches are rebuilt."""
@@ -85,6 +84,7 @@ def prepare_tokens(
         }
     )
     final = cache_dir / f"data-{key}"
+    remove_stale_temps(cache_dir)  # left by runs killed mid-write
     if (prepared := _load(final)) is not None:
         print(f"Reusing token files in {final}")
         if prepared.skipped:
@@ -96,8 +96,7 @@ def prepare_tokens(
         return prepared
 
     print(f"Tokenizing {len(train_files) + len(val_files)} files -> {final}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".data-{key}.", suffix=".tmp", dir=cache_dir))
+    tmp = make_temp_dir(cache_dir, f"data-{key}")
     try:
         args = dict(tokenizer=tokenizer, dtype=dtype, num_workers=num_workers)
         n_train, skipped = _write_tokens(train_files, tmp / "train.bin", desc="train", **args)
