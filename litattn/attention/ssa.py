@@ -39,9 +39,9 @@ Notes
 - Parameters per layer: 2 + n_head * (d + 1) + n_query_groups * (d + 1) (~0.015% of GPT-2 small).
 
 `base` names the mechanism SSA wraps (positions, mask, kernel, KV cache), so SSA composes with
-any mask or position scheme, e.g. a model finetuned with SSA run with Self-Extend at inference:
+any registered mask or position scheme (`litattn attention list`), e.g.
 
-    attention: {name: ssa, base: {name: self_extend, ...}}
+    attention: {name: ssa, base: {name: causal, kernel: sdpa}}
 """
 
 from __future__ import annotations
