@@ -6,14 +6,13 @@
 
 The attention may change at this point (`--model.attention.name ssa`): the checkpoint's weights load into
 the new mechanism's model and its own parameters start from their init (`identity_init: true` starts from
-exactly the checkpoint's function). The loop is pretraining's (pretrain/pretrain.py `fit`): resume,
+exactly the checkpoint's function). The loop is pretraining's (`litattn.loop.fit`): resume,
 atomic checkpoints, epochs, validation; here each validation also prints the answer the model now gives
 to the first validation question.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +22,7 @@ from litattn.args import EvalArgs, LogArgs, LoRAArgs, OptimizerArgs, TrainArgs
 from litattn.data import DataModule, PyDocQA
 from litattn.data.instructions import InstructionData, format_prompt
 from litattn.finetune.methods import Method, make_plan
-from litattn.pretrain.pretrain import _hyperparameters, fit, launch_fabric
+from litattn.loop import hyperparameters_of, launch_and_fit
 
 
 def setup(
@@ -80,7 +79,7 @@ def setup(
         seed: Seed for data order and the adapters' init.
         cache_dir: Where tokenized examples are cached.
     """
-    hyperparameters = _hyperparameters(dict(locals()))
+    hyperparameters = hyperparameters_of(dict(locals()))
     from litattn.args import check_run_args
 
     check_run_args(seed=seed, devices=devices, num_nodes=num_nodes, train=train)  # before any work
@@ -95,23 +94,8 @@ def setup(
         log = replace(log, sample_prompt=format_prompt(log.sample_prompt))
     plan = make_plan(method, config, Path(checkpoint_dir), lora)
 
-    fabric = launch_fabric(out_dir, log, precision, accelerator, devices, num_nodes, strategy, seed)
-    code = fit(
-        fabric,
-        plan,
-        data,
-        out_dir,
-        Path(checkpoint_dir),
-        resume,
-        train,
-        eval,
-        optimizer,
-        log,
-        compile,
-        seed,
-        cache_dir,
-        hyperparameters,
-        overwrite=overwrite,
-    )
-    if code:
-        sys.exit(code)
+    launch_and_fit(
+        plan, data, Path(checkpoint_dir), hyperparameters, out_dir=out_dir, resume=resume, overwrite=overwrite,
+        train=train, eval=eval, optimizer=optimizer, log=log, precision=precision, accelerator=accelerator,
+        devices=devices, num_nodes=num_nodes, strategy=strategy, compile=compile, seed=seed, cache_dir=cache_dir,
+    )  # fmt: skip

@@ -33,6 +33,7 @@ import yaml
 from torch import Tensor
 
 from litattn.config import Config, resolve_model_config
+from litattn.tokenizer import MODEL_FILES
 from litattn.utils import atomic_write, make_temp_dir
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ CONFIG_FILE = "model_config.yaml"
 HPARAMS_FILE = "hyperparameters.yaml"
 STATE_FILE = "training_state.pt"
 LITGPT_MODEL_FILE = "lit_model.pth"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+TOKENIZER_FILES = MODEL_FILES  # the tokenizer files a checkpoint directory may hold
 _STEP_DIR = re.compile(r"step-(\d{8,})")
 _BACKUP_DIR = re.compile(r"\.(.+)\.[0-9a-f]{8}\.old")
 _ALIASES_KEY = "litattn.aliases"  # safetensors metadata: {dropped key: kept key} for tied tensors

@@ -44,6 +44,7 @@ from litattn.checkpoint import (
     save_checkpoint,
 )
 from litattn.config import Config
+from litattn.tokenizer import CONFIG_FILES, MODEL_FILES
 
 ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2",
@@ -53,13 +54,7 @@ ARCHITECTURES = {
 }
 """Supported Hugging Face architectures and their `model_type`."""
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-)
+TOKENIZER_FILES = MODEL_FILES + CONFIG_FILES  # copied beside converted weights
 
 # ---------------------------------------------------------------------------------- names
 # HF module -> litattn module ({} = layer index); `.weight` / `.bias` carry over unchanged.

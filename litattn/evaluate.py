@@ -2,7 +2,7 @@
 
     litattn evaluate perplexity --checkpoint_dir out/pretrain/final [--lengths [256,512]]
 
-The number is the training loop's own validation (`validation_loss` of pretrain/pretrain.py: the mean loss
+The number is the training loop's own validation (`validation_loss` of litattn/loop.py: the mean loss
 per target token), computed by that same function, so evaluating a run's final
 checkpoint on its data reproduces the final `val_loss` it logged. Each length reads non-overlapping windows
 of that many tokens from the same validation token file, so lengths differ only in how much context each
@@ -57,7 +57,7 @@ def perplexity(
 
     from litattn.args import check_range
     from litattn.checkpoint import load_with_tokenizer
-    from litattn.pretrain.pretrain import validation_loss
+    from litattn.loop import validation_loss
 
     checkpoint_dir = Path(checkpoint_dir)
     check_range("micro_batch_size", micro_batch_size, ge=1)

@@ -31,12 +31,14 @@ class GPT(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        self.mechanism_cls, self.attention_options = split_spec(config.attention)
+        self.mechanism_cls, self.attention_options = split_spec(config.attention)  # parsed once, for every layer
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                h=nn.ModuleList(
+                    Block(config, i, self.mechanism_cls, self.attention_options) for i in range(config.n_layer)
+                ),
                 ln_f=make_norm(config),
             )
         )
@@ -69,32 +71,58 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
 
     # ------------------------------------------------------------------ forward
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, **metadata: Any) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        **metadata: Any,
+    ) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, padded_vocab_size).
 
-        input_pos (T,): absolute positions of idx when decoding with the KV cache.
-        metadata: per-batch attention inputs (segment_ids, prefix_len, ...) for the mechanism.
+        input_pos (T,): the KV-cache slots of idx when decoding with the cache.
+        positions (T,): RoPE / learned positions of idx when they differ from its slots (default: the slots,
+            i.e. input_pos, or 0..T-1 without the cache).
+        metadata: per-batch attention inputs the mechanism declares (`metadata_keys`); a mechanism may also
+            derive them from idx itself (`prepare_context`).
         """
-        return self.lm_head(self.hidden_states(idx, input_pos, **metadata))
+        return self.lm_head(self.hidden_states(idx, input_pos, positions=positions, **metadata))
 
-    def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, **metadata: Any) -> torch.Tensor:
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        **metadata: Any,
+    ) -> torch.Tensor:
         """Final-norm hidden states (B, T, n_embd): forward without the output head."""
-        return self._hidden_states(self._context(idx, input_pos, metadata), idx)
+        return self._hidden_states(self._context(idx, input_pos, positions, metadata))
+
+    @torch.no_grad()
+    def observe(self, idx: torch.Tensor, observer, **metadata: Any) -> torch.Tensor:
+        """Forward with attention computed one query chunk at a time, each chunk's probabilities handed to
+        `observer` (litattn.attention.observers); returns the hidden states. Memory O(chunk x T) per layer."""
+        ctx = self._context(idx, None, None, metadata)
+        ctx.observer = observer
+        return self._hidden_states(ctx)
 
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor, **metadata: Any) -> list[torch.Tensor]:
-        """Attention probabilities of every layer, [(B, n_head, T, T)] * n_layer, as the mechanism computes them."""
-        ctx = self._context(idx, None, metadata)
-        ctx.attention_maps = []
-        self._hidden_states(ctx, idx)
-        return ctx.attention_maps
+        """Attention probabilities of every block application, [(B, n_head, T, T)] * block_applications(),
+        as the mechanism computes them (dense: for short inputs)."""
+        from litattn.attention.observers import DenseMaps
 
-    def _hidden_states(self, ctx: AttentionContext, idx: torch.Tensor) -> torch.Tensor:
-        x = self.transformer.wte(idx)
+        maps = DenseMaps()
+        self.observe(idx, maps, **metadata)
+        return list(maps.maps.values())
+
+    def _hidden_states(self, ctx: AttentionContext) -> torch.Tensor:
+        x = self.transformer.wte(ctx.idx)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(ctx.positions)
-        for block in self.transformer.h:
-            x = block(x, ctx)
+        x = self.mechanism.run_blocks(self.transformer.h, x, ctx)
         return self.transformer.ln_f(x)
 
     def loss(
@@ -118,27 +146,45 @@ class GPT(nn.Module):
     def _chunk_loss_sum(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.lm_head(h).float(), targets, ignore_index=-100, reduction="sum")
 
-    def _context(self, idx: torch.Tensor, input_pos: torch.Tensor | None, metadata: dict) -> AttentionContext:
+    def _context(
+        self, idx: torch.Tensor, input_pos: torch.Tensor | None, positions: torch.Tensor | None, metadata: dict
+    ) -> AttentionContext:
         T = idx.shape[1]
-        if input_pos is None:
-            positions, kv_len = torch.arange(T, device=idx.device), T
-        else:
-            if input_pos.shape != (T,):
-                raise ValueError(f"input_pos must have shape ({T},) to match idx, got {tuple(input_pos.shape)}")
-            positions, kv_len = input_pos, int(input_pos.max()) + 1
-        if kv_len > self.max_seq_length:
+        for name, given in (("input_pos", input_pos), ("positions", positions)):
+            if given is not None and given.shape != (T,):
+                raise ValueError(f"{name} must have shape ({T},) to match idx, got {tuple(given.shape)}")
+        kv_len = T if input_pos is None else int(input_pos.max()) + 1
+        if positions is None:
+            positions = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
+        reach = max(kv_len, int(positions.max()) + 1) if T else kv_len
+        if reach > self.max_seq_length:
             raise ValueError(
-                f"Sequence reaches position {kv_len - 1} but the model handles at most {self.max_seq_length} tokens "
+                f"Sequence reaches position {reach - 1} but the model handles at most {self.max_seq_length} tokens "
                 f"(block_size {self.config.block_size}, attention {self.config.attention['name']!r})"
+            )
+        unknown = sorted(set(metadata) - set(self.mechanism.metadata_keys))
+        if unknown:
+            reads = ", ".join(self.mechanism.metadata_keys) or "none"
+            raise ValueError(
+                f"Attention {self.config.attention['name']!r} reads no metadata {unknown} (it reads: {reads})"
             )
         if self.training and torch.is_grad_enabled() and not self.mechanism.supports_training:
             raise RuntimeError(f"Attention {self.config.attention['name']!r} is inference-only; it cannot be trained")
         cos = sin = None
         if self.rope is not None:
             cos, sin = self.rope(positions)
-        return AttentionContext(
-            positions=positions, cos=cos, sin=sin, rope=self.rope, input_pos=input_pos, kv_len=kv_len, metadata=metadata
+        ctx = AttentionContext(
+            positions=positions,
+            cos=cos,
+            sin=sin,
+            rope=self.rope,
+            input_pos=input_pos,
+            kv_len=kv_len,
+            metadata=dict(metadata),
+            idx=idx,
         )
+        self.mechanism.prepare_context(ctx)
+        return ctx
 
     # ------------------------------------------------------------------ KV cache
     def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, device=None, dtype=None) -> None:
@@ -171,6 +217,19 @@ class GPT(nn.Module):
         """Parameters the attention mechanism adds on top of the base architecture."""
         return sum(block.attn.mechanism.parameter_overhead() for block in self.transformer.h)
 
+    def block_applications(self) -> int:
+        """Block applications per forward (n_layer unless the mechanism's layer loop repeats blocks)."""
+        return self.mechanism.block_applications(self.config.n_layer)
+
+    @property
+    def trailing_positions_independent(self) -> bool:
+        """Whether dropping trailing padding columns of a batch leaves the loss unchanged (causal attention)."""
+        return self.mechanism.trailing_positions_independent
+
+    def training_hooks(self) -> list:
+        """The mechanism's TrainingHooks (litattn.hooks), from every layer, for the training loops."""
+        return [hook for block in self.transformer.h for hook in block.attn.mechanism.training_hooks()]
+
 
 def is_mechanism_parameter(name: str) -> bool:
     """Whether a parameter (a `named_parameters()` or state-dict key) belongs to an attention mechanism
@@ -179,17 +238,19 @@ def is_mechanism_parameter(name: str) -> bool:
 
 
 class Block(nn.Module):
-    def __init__(self, config: Config, block_idx: int) -> None:
+    def __init__(self, config: Config, block_idx: int, mechanism_cls, options) -> None:
         super().__init__()
+        self.block_idx = block_idx
         if not config.parallel_residual and config.shared_attention_norm:
             raise ValueError("shared_attention_norm=True requires parallel_residual=True")
         self.norm_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config, block_idx)
+        self.attn = CausalSelfAttention(config, block_idx, mechanism_cls, options)
         self.norm_2 = None if config.shared_attention_norm else make_norm(config)
         self.mlp = make_mlp(config)
         self.parallel_residual = config.parallel_residual
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        ctx.applied_blocks.append(self.block_idx)
         x_normed = self.norm_1(x)
         attn_out = self.attn(x_normed, ctx)
         if self.parallel_residual:
@@ -206,12 +267,11 @@ class CausalSelfAttention(nn.Module):
         (n_head + 2 * n_query_groups) * head_size
     """
 
-    def __init__(self, config: Config, block_idx: int) -> None:
+    def __init__(self, config: Config, block_idx: int, mechanism_cls, options) -> None:
         super().__init__()
         hs, nh, ng = config.head_size, config.n_head, config.n_query_groups
         self.qkv = nn.Linear(config.n_embd, (nh + 2 * ng) * hs, bias=config.bias)
         self.proj = nn.Linear(nh * hs, config.n_embd, bias=config.bias)
-        mechanism_cls, options = split_spec(config.attention)
         self.mechanism = mechanism_cls(config, block_idx, options)
         self.n_head, self.n_query_groups, self.head_size = nh, ng, hs
 

@@ -35,8 +35,10 @@ SPECIAL_TOKENS: list[str] = [
 TOKENIZER_FORMAT_VERSION = 1
 """Bump when `Tokenizer.train` changes what it produces, so cached tokenizers are retrained."""
 
-_MODEL_FILES = ("tokenizer.json", "tokenizer.model")  # in order of preference
-_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+MODEL_FILES = ("tokenizer.json", "tokenizer.model")
+"""The files a tokenizer is loaded from, in order of preference: one list for every module that looks for one."""
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+"""Hugging Face files beside the model file that set special tokens (read, copied and fingerprinted with it)."""
 
 
 class Tokenizer:
@@ -49,14 +51,14 @@ class Tokenizer:
                 f"Tokenizer directory {str(self.checkpoint_dir)!r} does not exist; "
                 f"expected a folder holding tokenizer.json or tokenizer.model"
             )
-        model_file = next((self.checkpoint_dir / n for n in _MODEL_FILES if (self.checkpoint_dir / n).is_file()), None)
+        model_file = next((self.checkpoint_dir / n for n in MODEL_FILES if (self.checkpoint_dir / n).is_file()), None)
         if model_file is None:
             raise FileNotFoundError(
                 f"No tokenizer.json or tokenizer.model in {str(self.checkpoint_dir)!r}; "
                 f"pass a checkpoint directory that holds one (or train one with Tokenizer.train)"
             )
         # Keep the raw bytes: `save` copies them verbatim and `fingerprint` hashes exactly what was loaded.
-        names = [model_file.name] + [n for n in _CONFIG_FILES if (self.checkpoint_dir / n).is_file()]
+        names = [model_file.name] + [n for n in CONFIG_FILES if (self.checkpoint_dir / n).is_file()]
         self._files: dict[str, bytes] = {n: (self.checkpoint_dir / n).read_bytes() for n in names}
 
         if model_file.name == "tokenizer.json":
@@ -182,7 +184,7 @@ class Tokenizer:
 
     def _resolve_bos_eos(self) -> tuple[int | None, int | None, bool]:
         """BOS/EOS from the Hugging Face config files, else the special-token table, else sentencepiece's ids."""
-        configs = {n: json.loads(self._files[n]) for n in _CONFIG_FILES if n in self._files}
+        configs = {n: json.loads(self._files[n]) for n in CONFIG_FILES if n in self._files}
         ids: dict[str, int | None] = {"bos": None, "eos": None}
         for which in ids:
             for name in ("tokenizer_config.json", "special_tokens_map.json"):

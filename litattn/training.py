@@ -75,15 +75,15 @@ def epoch_order(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_windows, generator=generator)
 
 
-def collate(dataset, indices: torch.Tensor, multiple: int = 8) -> dict[str, torch.Tensor]:
-    """Stack the items; then drop the trailing columns that no row has a target in (padding of short
-    instruction examples), keeping a multiple of `multiple` columns. Under causal attention nothing
-    before a position depends on it, so the loss is exactly that of the full batch, and a batch of
-    short answers costs short sequences."""
+def collate(dataset, indices: torch.Tensor, multiple: int = 8, trim: bool = True) -> dict[str, torch.Tensor]:
+    """Stack the items; then, with `trim`, drop the trailing columns that no row has a target in (padding of
+    short instruction examples), keeping a multiple of `multiple` columns. Pass the model's
+    `trailing_positions_independent`: under causal attention nothing before a position depends on it, so the
+    loss is exactly that of the full batch, and a batch of short answers costs short sequences."""
     items = [dataset[int(i)] for i in indices]
     batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
     labels = batch.get("labels")
-    if labels is None or labels.ndim != 2 or (labels[:, -1] != -100).any():
+    if not trim or labels is None or labels.ndim != 2 or (labels[:, -1] != -100).any():
         return batch
     has_target = (labels != -100).any(dim=0).nonzero()
     keep = int(has_target[-1]) + 1 if len(has_target) else 1
@@ -165,16 +165,22 @@ class StopSignal:
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: per matmul weight, 2 for the forward and 2 for the activations' gradient,
     plus 2 for the weight's own gradient when it trains (6 x parameters when everything trains: the PaLM /
-    nanoGPT convention; 4 x for a frozen weight, as in SSA-only or LoRA finetuning), plus 12 x L x d x T
-    for attention scores (causal masking is not discounted; LoRA's small matmuls are not counted)."""
-    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    trained = sum(w.numel() for w in weights if w.requires_grad)
+    nanoGPT convention; 4 x for a frozen weight, as in SSA-only or LoRA finetuning), plus 12 x d x T per
+    block application for attention scores (causal masking is not discounted; LoRA's small matmuls are not
+    counted). A layer loop that applies blocks more than once (`model.block_applications()`) costs
+    proportionally more block FLOPs (the blocks are taken as equal in size)."""
+
+    def cost(weights) -> int:
+        return sum((6 if w.requires_grad else 4) * w.numel() for w in weights)
+
     config = model.config
-    return (
-        4 * sum(w.numel() for w in weights)
-        + 2 * trained
-        + 12 * config.n_layer * config.n_head * config.head_size * seq_len
-    )
+    in_blocks = {id(m.weight) for m in model.transformer.h.modules() if isinstance(m, nn.Linear)}
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}  # tied: once
+    block_cost = cost(w for i, w in weights.items() if i in in_blocks)
+    other_cost = cost(w for i, w in weights.items() if i not in in_blocks)
+    applications = model.block_applications()
+    attention = 12 * config.n_head * config.head_size * seq_len
+    return other_cost + applications * (block_cost / config.n_layer + attention)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

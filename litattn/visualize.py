@@ -3,7 +3,8 @@
     litattn visualize attention --checkpoint_dir out/pretrain/final --prompt "def add(a, b):" [--layers [0,1]]
 
 The maps are what the configured mechanism computes (`GPT.attention_maps`), so a mask, a scaling (SSA)
-or remapped positions show as the model sees them. One panel per layer x head
+or remapped positions show as the model sees them. One panel per layer x head (a "layer" is a block
+application: a mechanism whose layer loop repeats blocks shows each application)
 (or per layer with the heads averaged); probabilities that are exactly 0 (masked keys) are grey. The colour
 scale is a square root, so the small weights next to a dominant one stay visible.
 """
@@ -52,7 +53,7 @@ def attention(
     _require_matplotlib()
     checkpoint_dir = Path(checkpoint_dir)
     model, tokenizer, config = load_with_tokenizer(checkpoint_dir, attention=attention_spec)
-    _indexes(layers, config.n_layer, "layer")  # out of range: an error now, before any map is computed
+    _indexes(layers, model.block_applications(), "layer")  # out of range: an error now, before any map is computed
     _indexes(heads, config.n_head, "head")
     ids = tokenizer.encode(prompt, bos=tokenizer.use_bos)
     if not ids:
@@ -63,10 +64,11 @@ def attention(
             f"(attention {config.attention['name']!r}); shorten it"
         )
     maps = model.eval().attention_maps(torch.tensor([ids], device=model.lm_head.weight.device))
-    if len(maps) != config.n_layer:
+    applications = model.block_applications()
+    if len(maps) != applications:
         raise RuntimeError(
-            f"Attention {config.attention['name']!r} reported maps for {len(maps)} of {config.n_layer} layers: its "
-            "attend() must append its probabilities to ctx.attention_maps when that is a list"
+            f"Attention {config.attention['name']!r} reported maps for {len(maps)} of {applications} block "
+            "applications: its attend() must hand its probabilities to ctx.observer when one is set"
         )
     data, layer_idx, head_titles = select_maps(maps, layers, heads, average_heads)
     labels = [token_label(tokenizer.decode([i])) for i in ids] if len(ids) <= MAX_LABELED_TOKENS else None

@@ -17,9 +17,8 @@ import sys
 
 def main() -> None:
     phase, fault, *args = sys.argv[1:]
-    from litattn import checkpoint, generate, model
+    from litattn import checkpoint, generate, loop, model
     from litattn.__main__ import main as litattn
-    from litattn.pretrain import pretrain
 
     def fire() -> None:
         print(f"[fault] {fault} during {phase}", file=sys.stderr, flush=True)
@@ -43,9 +42,9 @@ def main() -> None:
     periodic = lambda n, a: a[4] is not None  # validation_loss(fabric, model, data, micro, max_iters)
     where = {
         "train": (model.GPT, "loss", lambda n, a: n == 3),  # 2 micro-steps per step: step 2's first
-        "initial_validation": (pretrain, "validation_loss", lambda n, a: n == 1),
-        "validation": (pretrain, "validation_loss", periodic),
-        "final_validation": (pretrain, "validation_loss", lambda n, a: not periodic(n, a)),
+        "initial_validation": (loop, "validation_loss", lambda n, a: n == 1),
+        "validation": (loop, "validation_loss", periodic),
+        "final_validation": (loop, "validation_loss", lambda n, a: not periodic(n, a)),
         "checkpoint": (checkpoint, "save_state_dict", lambda n, a: n == (2 if fault == "write_fails" else 1)),
         "sample": (generate, "generate", lambda n, a: n == 1),
     }

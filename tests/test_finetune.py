@@ -188,7 +188,7 @@ def test_validation_loss_is_the_mean_over_target_tokens():
     (nor of 16 positions, padding included)."""
     from lightning_fabric import Fabric
 
-    from litattn.pretrain.pretrain import validation_loss
+    from litattn.loop import validation_loss
 
     config = resolve_model_config("tiny-llama", {"block_size": 16, "vocab_size": 64})
     model = GPT(config)
@@ -208,7 +208,7 @@ def test_validation_loss_is_the_mean_over_target_tokens():
 def test_limited_validation_reads_windows_spread_over_the_whole_split():
     from lightning_fabric import Fabric
 
-    from litattn.pretrain.pretrain import validation_loss
+    from litattn.loop import validation_loss
 
     class Recorded(torch.utils.data.Dataset):
         def __init__(self):

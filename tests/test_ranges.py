@@ -50,7 +50,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture
 def stubs(monkeypatch, tiny_checkpoint):
     import litattn.ablate
-    import litattn.pretrain.pretrain
+    import litattn.loop
 
     real_load = ckpt.load_with_tokenizer
 
@@ -59,7 +59,7 @@ def stubs(monkeypatch, tiny_checkpoint):
             raise Reached
         return real_load(checkpoint_dir, *args, **kwargs)
 
-    monkeypatch.setattr(litattn.pretrain.pretrain, "launch_fabric", _reached)  # pretrain
+    monkeypatch.setattr(litattn.loop, "launch_fabric", _reached)  # pretrain
     monkeypatch.setattr(ckpt, "load_config", _reached)  # finetune's first read
     monkeypatch.setattr(ckpt, "load_with_tokenizer", load)  # generate, evaluate
     monkeypatch.setattr(GPT, "attention_maps", _reached)  # visualize, once its checkpoint is loaded

@@ -161,5 +161,5 @@ def test_attention_spec_override_draws_that_mechanism(checkpoint_dir, tmp_path, 
     expected = naive_attention_probs(q, k, causal_mask(pos, T, window=4))[0, 1]
     np.testing.assert_allclose(drawn, expected.numpy(), atol=1e-6)
     assert fig.get_suptitle().startswith("test_window(window=4) attention")
-    with pytest.raises(RuntimeError, match="reported maps for 0 of 2 layers"):
+    with pytest.raises(RuntimeError, match="reported maps for 0 of 2 block applications"):
         attention(checkpoint_dir, PROMPT, out_file=tmp_path / "s.png", attention_spec={"name": "test_vis_silent"})

@@ -4,12 +4,19 @@ The model projects x to q, k, v and hands them to the mechanism **before RoPE**,
 with an `AttentionContext` built once per forward pass. The base class is plain causal
 attention, split into steps so a variant overrides only what differs:
 
+    prepare_context(ctx)                 once per forward, before the layers: metadata from ctx.idx
     forward(q, k, v, ctx)
-      q, k = rotate(q, k, ctx)           positions: RoPE at ctx.positions (Self-Extend: two maps)
-      k, v = cache(k, v, ctx)            KV cache write + read when decoding
+      q, k = rotate(q, k, ctx)           positions: RoPE at ctx.positions
+      k, v = cache(k, v, ctx)            KV cache write at ctx.input_pos (slots) + read when decoding
+                                         (cache_before_rope: cache first, then rotate the cached keys
+                                         at their stored positions; Self-Extend re-rotates them)
       y    = attend(q, k, v, ctx)        kernel under mask_mod(ctx) (None = plain causal)
+    run_blocks(blocks, x, ctx)           the layer loop (default: each block once)
 
 Shapes: q (B, n_head, T, hs), k and v (B, n_query_groups, T, hs); returns (B, n_head, T, hs).
+Positions (RoPE, and what position-aware masks compare) and cache slots (where keys are written,
+what `kv_idx` indexes) are the same unless a forward is given both: kept tokens of a truncated
+input keep their original positions in contiguous slots.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from torch import nn
 
 from litattn.attention import masks
 from litattn.attention.cache import KVCache
-from litattn.attention.kernels import KERNELS, attend, attention_probs
+from litattn.attention.kernels import KERNELS, attend, attend_observed
 
 if TYPE_CHECKING:
     from litattn.config import Config
@@ -34,22 +41,29 @@ class AttentionContext:
     """Per-forward inputs shared by all layers. The model fills it without interpreting `metadata`."""
 
     positions: torch.Tensor
-    """(T,) absolute position of each query token."""
+    """(T,) position of each query token: what RoPE rotates by and what position terms (SSA) read."""
     cos: torch.Tensor | None
     sin: torch.Tensor | None
     """(T, rope_n_elem) RoPE tables at `positions`; None with learned absolute positions."""
     rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
     """positions -> (cos, sin), for mechanisms that rotate at other positions."""
     input_pos: torch.Tensor | None = None
-    """Set when decoding with the KV cache (then equal to `positions`)."""
+    """(T,) KV-cache slots the queries' keys are written to, when decoding with the cache."""
     kv_len: int = 0
-    """With the KV cache: number of cache slots the queries may read (max position + 1)."""
+    """Number of key slots the queries may read: T without the cache, max slot + 1 with it."""
     metadata: dict[str, Any] = field(default_factory=dict)
-    """Batch attention metadata (segment_ids, prefix_len, ...), passed through from the data."""
-    memo: dict[str, Any] = field(default_factory=dict)
-    """Objects built once per forward and shared by the layers (e.g. a block mask)."""
-    attention_maps: list[torch.Tensor] | None = None
-    """When a list, each layer appends its attention probabilities (B, n_head, T, S) (for visualization)."""
+    """Batch attention metadata (segment_ids, prefix_len, ...): given by the caller or derived from `idx`
+    by the mechanism's `prepare_context`; only the keys the mechanism declares in `metadata_keys`."""
+    idx: torch.Tensor | None = None
+    """(B, T) the batch's token ids, from which a mechanism may derive its metadata."""
+    observer: Any = None
+    """An AttentionObserver (litattn.attention.observers): attention then runs explicitly, one query chunk at
+    a time, and each chunk's probabilities go to observer.observe(application, q_start, probs)."""
+    applied_blocks: list[int] = field(default_factory=list)
+    """Indexes of the blocks applied so far in this forward, in order (a layer loop may repeat blocks)."""
+    memo: dict[str, Any] = field(default_factory=dict, init=False)
+    """Objects built once per context and shared by the layers (e.g. a mask). Not an init field, so
+    `dataclasses.replace(ctx, positions=...)` (a sub-pass) starts with an empty memo of its own."""
 
     def memoize(self, key: str, build: Callable[[], Any]) -> Any:
         if key not in self.memo:
@@ -57,9 +71,21 @@ class AttentionContext:
         return self.memo[key]
 
     @property
+    def slots(self) -> torch.Tensor:
+        """(T,) the key slot of each query: `input_pos` when decoding with the cache, else 0..T-1."""
+        if self.input_pos is not None:
+            return self.input_pos
+        return self.memoize("slots", lambda: torch.arange(self.positions.shape[-1], device=self.positions.device))
+
+    @property
+    def application(self) -> int:
+        """Index of the block application running now (the layer index when each block runs once)."""
+        return len(self.applied_blocks) - 1
+
+    @property
     def causal_aligned(self) -> bool:
-        """Queries are positions 0..T-1 and see exactly the keys 0..T-1: the fused causal path applies."""
-        return self.input_pos is None or self.kv_len == self.positions.shape[0]
+        """Queries are slots 0..T-1 and see exactly the keys 0..T-1: the fused causal path applies."""
+        return self.input_pos is None or self.kv_len == self.positions.shape[-1]
 
 
 @dataclass
@@ -92,6 +118,18 @@ class AttentionMechanism(nn.Module):
     supports_training: bool = True
     supports_kv_cache: bool = True
     kernels: ClassVar[tuple[str, ...]] = KERNELS
+    metadata_keys: ClassVar[dict[str, str]] = {}
+    """The batch metadata the mechanism reads, name -> "shape: meaning" (e.g. {"segment_ids": "(B, T) long:
+    the segment of each token"}). Metadata the mechanism does not declare is an error, never ignored."""
+    cache_before_rope: ClassVar[bool] = False
+    """Cache keys before RoPE and rotate the cached keys at their stored positions on every step
+    (the cache then keeps each slot's position), instead of caching rotated keys."""
+    cached_extras: ClassVar[dict[str, torch.dtype]] = {}
+    """Per-slot tensors the KV cache keeps besides k and v (name -> dtype, stored (B, slots)); `cache_values`
+    gives their values for the tokens being written."""
+    trailing_positions_independent: ClassVar[bool] = True
+    """No position depends on a later one (causal), so dropping trailing padding columns of a batch leaves
+    every loss unchanged (what `collate` asks before trimming)."""
 
     def __init__(self, config: Config, block_idx: int, options: AttentionOptions):
         super().__init__()
@@ -121,16 +159,59 @@ class AttentionMechanism(nn.Module):
         """Parameters this mechanism adds to the layer (0 for the baseline)."""
         return sum(p.numel() for p in self.parameters())
 
+    # ------------------------------------------------------------------ model-level hooks (asked of layer 0)
+    def prepare_context(self, ctx: AttentionContext) -> None:
+        """Once per forward, before the layers: derive metadata from ctx.idx (and the given metadata) into
+        ctx.metadata. Training, generate, evaluate and visualize all call it, so none needs mechanism code."""
+
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """The layer loop: each block once, in order. A mechanism may repeat or reorder blocks; it then
+        also overrides `block_applications`, which FLOPs accounting reads."""
+        for block in blocks:
+            x = block(x, ctx)
+        return x
+
+    def block_applications(self, n_layer: int) -> int:
+        """How many block applications one forward runs (n_layer for one pass over the blocks)."""
+        return n_layer
+
+    def training_hooks(self) -> list:
+        """TrainingHooks (litattn.hooks) the training loops call at epoch start and after each step."""
+        return []
+
     # ------------------------------------------------------------------ the steps
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        q, k = self.rotate(q, k, ctx)
-        k, v = self.cache(k, v, ctx)
+        if self.cache_before_rope:
+            k, v = self.cache(k, v, ctx)
+            q, k = self.rotate(q, k, ctx, key_positions=self.key_positions(ctx))
+        else:
+            q, k = self.rotate(q, k, ctx)
+            k, v = self.cache(k, v, ctx)
         return self.attend(q, k, v, ctx)
 
-    def rotate(self, q, k, ctx: AttentionContext):
+    def rotate(self, q, k, ctx: AttentionContext, key_positions: torch.Tensor | None = None):
+        """RoPE on q at ctx.positions and on k at `key_positions` (default: the same positions)."""
         if ctx.cos is None:
             return q, k
-        return rotate_half_rope(q, ctx.cos, ctx.sin), rotate_half_rope(k, ctx.cos, ctx.sin)
+        q = rotate_half_rope(q, ctx.cos, ctx.sin)
+        if key_positions is None:
+            return q, rotate_half_rope(k, ctx.cos, ctx.sin)
+        cos, sin = ctx.rope(key_positions)
+        return q, rotate_half_rope(k, cos, sin)
+
+    def key_positions(self, ctx: AttentionContext) -> torch.Tensor:
+        """(S,) positions of the keys `cache` returned: the queries' own without the cache, else the
+        positions stored in its slots (needs cache_before_rope, which stores them)."""
+        if ctx.input_pos is None:
+            return ctx.positions
+        return self.kv_cache.extras["positions"][0, : ctx.kv_len]
+
+    def cache_values(self, ctx: AttentionContext, batch_size: int) -> dict[str, torch.Tensor]:
+        """The per-slot extras (`cached_extras`, plus positions with cache_before_rope) of the tokens being
+        written: name -> (B, T). Override to add your own (e.g. segment ids from ctx.metadata)."""
+        if not self.cache_before_rope:
+            return {}
+        return {"positions": ctx.positions.expand(batch_size, -1)}
 
     def cache(self, k, v, ctx: AttentionContext):
         if ctx.input_pos is None:
@@ -139,26 +220,25 @@ class AttentionMechanism(nn.Module):
             raise RuntimeError(
                 "input_pos was given but the KV cache is not set: call model.set_kv_cache(batch_size) first"
             )
-        return self.kv_cache.update(ctx.input_pos, k, v, ctx.kv_len)
+        return self.kv_cache.update(ctx.input_pos, k, v, ctx.kv_len, **self.cache_values(ctx, k.shape[0]))
 
     def mask_mod(self, ctx: AttentionContext) -> masks.MaskMod | None:
-        """The mask beyond plain causal; None means plain causal (the fused path when aligned)."""
+        """The mask beyond plain causal, over cache slots; None means plain causal (the fused path when aligned)."""
         window = self.config.sliding_window_size
-        span = ctx.kv_len if ctx.input_pos is not None else ctx.positions.shape[0]
+        span = ctx.kv_len if ctx.input_pos is not None else ctx.positions.shape[-1]
         if window is not None and span > window:
-            return ctx.memoize("sliding_window", lambda: masks.sliding_window(ctx.positions, window))
+            return ctx.memoize("sliding_window", lambda: masks.sliding_window(ctx.slots, window))
         return None
 
     def attend(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
         mask_mod = self.mask_mod(ctx)
+        if ctx.observer is not None:
+            mask_mod = mask_mod or ctx.memoize("causal", lambda: masks.causal(ctx.slots))
+            return attend_observed(q, k, v, mask_mod=mask_mod, observer=ctx.observer, layer=ctx.application)
         if mask_mod is None:
-            if ctx.causal_aligned and ctx.attention_maps is None:
+            if ctx.causal_aligned:
                 return attend(q, k, v, is_causal=True)
-            mask_mod = ctx.memoize("causal", lambda: masks.causal(ctx.positions))
-        if ctx.attention_maps is not None:
-            probs = attention_probs(q, k, mask_mod)
-            ctx.attention_maps.append(probs)
-            return probs.to(v.dtype) @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            mask_mod = ctx.memoize("causal", lambda: masks.causal(ctx.slots))
         return attend(q, k, v, mask_mod=mask_mod, kernel=self.options.kernel)
 
     # ------------------------------------------------------------------ KV cache
@@ -169,8 +249,18 @@ class AttentionMechanism(nn.Module):
         self.kv_cache = None
 
     def build_kv_cache(self, batch_size: int, max_seq_length: int, device=None, dtype=None) -> KVCache:
-        """The cache this mechanism decodes with; override to store something else."""
+        """The cache this mechanism decodes with: k, v and the per-slot extras it declares."""
         cfg = self.config
+        extras = dict(self.cached_extras)
+        if self.cache_before_rope:
+            extras["positions"] = torch.long
         return KVCache(
-            batch_size, cfg.n_query_groups, max_seq_length, cfg.head_size, cfg.head_size, device=device, dtype=dtype
+            batch_size,
+            cfg.n_query_groups,
+            max_seq_length,
+            cfg.head_size,
+            cfg.head_size,
+            extras=extras,
+            device=device,
+            dtype=dtype,
         )

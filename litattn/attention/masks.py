@@ -4,8 +4,9 @@ This is FlexAttention's convention, so one mask definition serves both kernels: 
 sparse BlockMask from it, the SDPA path materializes it one query chunk at a time
 (`materialize`), so no mask ever needs a full T x S tensor unless the kernel asks for one.
 
-`q_idx` indexes the queries of the current call and `kv_idx` the keys. Keys sit at their
-absolute positions (the KV cache is indexed by position), queries at `q_pos[q_idx]`.
+`q_idx` indexes the queries of the current call and `kv_idx` the keys. Keys sit at their KV-cache
+slots (a token's position unless a forward gives positions apart from slots), queries at
+`q_pos[q_idx]`, the queries' slots (`ctx.slots`).
 Functions use only elementwise tensor ops and indexing, which both vmap (flex) and
 broadcasting (dense) accept.
 """
@@ -20,7 +21,7 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 
 
 def causal(q_pos: torch.Tensor) -> MaskMod:
-    """Key j is visible to query i iff pos(j) <= pos(i). q_pos: (T,) absolute query positions."""
+    """Key slot j is visible to query i iff j <= slot(i). q_pos: (T,) the queries' slots."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         return kv_idx <= q_pos[q_idx]
@@ -34,26 +35,6 @@ def sliding_window(q_pos: torch.Tensor, window: int) -> MaskMod:
     def mask_mod(b, h, q_idx, kv_idx):
         qp = q_pos[q_idx]
         return (kv_idx <= qp) & (qp - kv_idx < window)
-
-    return mask_mod
-
-
-def and_masks(*mods: MaskMod) -> MaskMod:
-    def mask_mod(b, h, q_idx, kv_idx):
-        out = mods[0](b, h, q_idx, kv_idx)
-        for m in mods[1:]:
-            out = out & m(b, h, q_idx, kv_idx)
-        return out
-
-    return mask_mod
-
-
-def or_masks(*mods: MaskMod) -> MaskMod:
-    def mask_mod(b, h, q_idx, kv_idx):
-        out = mods[0](b, h, q_idx, kv_idx)
-        for m in mods[1:]:
-            out = out | m(b, h, q_idx, kv_idx)
-        return out
 
     return mask_mod
 

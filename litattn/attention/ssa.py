@@ -93,6 +93,8 @@ class SelectiveSelfAttention(AttentionMechanism):
         # Capabilities follow the base (the model asks the instance).
         self.supports_training = self.base.supports_training
         self.supports_kv_cache = self.base.supports_kv_cache
+        self.metadata_keys = self.base.metadata_keys
+        self.trailing_positions_independent = self.base.trailing_positions_independent
         hs, nh, ng = config.head_size, config.n_head, config.n_query_groups
         if options.position_temperature:
             self.beta = nn.Parameter(torch.empty(()))  # one scalar per layer, shared by heads
@@ -190,6 +192,19 @@ class SelectiveSelfAttention(AttentionMechanism):
         if opts.value_temperature:
             v = v * self.token_factor(v, self.value_weight, self.value_bias)  # before the KV cache
         return self.base(q, k, v, ctx)  # (B, nh, T, hs)
+
+    # ------------------------------------------------------------------ model-level hooks (the base's)
+    def prepare_context(self, ctx: AttentionContext) -> None:
+        self.base.prepare_context(ctx)
+
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        return self.base.run_blocks(blocks, x, ctx)
+
+    def block_applications(self, n_layer: int) -> int:
+        return self.base.block_applications(n_layer)
+
+    def training_hooks(self) -> list:
+        return self.base.training_hooks()
 
     # ------------------------------------------------------------------ KV cache (the base's)
     def set_kv_cache(self, batch_size: int, max_seq_length: int, device=None, dtype=None) -> None:

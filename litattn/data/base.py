@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from litattn.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from litattn.hooks import TrainingHook
 
 
 class DataModule(ABC):
@@ -28,6 +32,11 @@ class DataModule(ABC):
     @abstractmethod
     def describe(self) -> str:
         """One or two lines for the run log: what was read, what was held out, where the cache is."""
+
+    def training_hooks(self) -> list[TrainingHook]:
+        """TrainingHooks (litattn/hooks.py) the training loop calls at each epoch start and after each step, e.g.
+        to re-draw something of the data each epoch; none by default."""
+        return []
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
