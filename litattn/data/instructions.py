@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from litattn.data.base import DataModule
-from litattn.data.text_files import _held_out
+from litattn.data.text_files import held_out
 from litattn.tokenizer import Tokenizer
 from litattn.utils import atomic_write, content_key, remove_stale_temps
 
@@ -367,7 +367,7 @@ class AlpacaJSON(InstructionData):
                     f"add examples or pass val_file"
                 )
             texts = [f"{e.instruction}\0{e.input}\0{e.output}" for e in examples]
-            is_val = _held_out(texts, self.seed, self.val_fraction)
+            is_val = held_out(texts, self.seed, self.val_fraction)
             train = [e for e, v in zip(examples, is_val, strict=True) if not v]
             val = [e for e, v in zip(examples, is_val, strict=True) if v]
         self._n_read = (len(train), len(val))

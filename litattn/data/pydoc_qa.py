@@ -16,7 +16,7 @@ from pathlib import Path
 
 from litattn.data.instructions import Example, InstructionData, Truncation, check_truncation
 from litattn.data.stdlib import StdlibCorpus
-from litattn.data.text_files import _held_out
+from litattn.data.text_files import held_out
 from litattn.utils import atomic_write_text, content_key
 
 PYDOC_QA_VERSION = 1
@@ -58,7 +58,7 @@ class PyDocQA(InstructionData):
                 f"PyDocQA found examples in {len(names)} module(s) ({', '.join(names) or 'none'}): too few to hold "
                 f"a module out for validation; name at least two modules with documented public functions"
             )
-        is_val = _held_out(names, self.seed, self.val_fraction)
+        is_val = held_out(names, self.seed, self.val_fraction)
         val_modules = {m for m, v in zip(names, is_val, strict=True) if v}
         train = [_example(r) for r in records if r["module"] not in val_modules]
         val = [_example(r) for r in records if r["module"] in val_modules]

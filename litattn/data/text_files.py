@@ -67,7 +67,7 @@ class TextFiles(DataModule):
         files = _unique([(f, rel) for d in self.train_dirs for f, rel in self._scan_rel(d, skip)], key=lambda x: x[0])
         if len(files) == 1:
             return [files[0][0]], []
-        is_val = _held_out([rel for _, rel in files], self.seed, self.val_fraction)
+        is_val = held_out([rel for _, rel in files], self.seed, self.val_fraction)
         train = [f for (f, _), v in zip(files, is_val, strict=True) if not v]
         val = [f for (f, _), v in zip(files, is_val, strict=True) if v]
         return train, val
@@ -191,7 +191,7 @@ def _unit_hash(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
-def _held_out(keys: Sequence[str], seed: int, fraction: float) -> list[bool]:
+def held_out(keys: Sequence[str], seed: int, fraction: float) -> list[bool]:
     """Which of `keys` go to validation: those whose salted hash is below `fraction`, at least one, never all.
 
     The choice depends on each key alone, so adding an item never moves another (except through the two bounds).
