@@ -1,0 +1,115 @@
+"""Self-Extend against a naive implementation written here: explicit T x T scores of both branches merged
+into one softmax, for several G, W (G not dividing W too), lengths, batch sizes and GQA; cached decoding
+against the full forward; gradients; composition with SSA; the standalone API."""
+
+import pytest
+import torch
+
+import litattn.attention.self_extend as se
+from litattn import GPT, Config
+from litattn.attention.self_extend import SelfExtendAttention, self_extend_attention
+from reference import naive_rope
+
+
+def naive_self_extend(q, k, v, G, W, rope_base=10000.0, n_elem=None):
+    """q (B, H, T, D), k, v (B, Hkv, T, D) before RoPE; explicit merged scores."""
+    B, H, T, D = q.shape
+    k, v = (x.repeat_interleave(H // k.shape[1], dim=1).double() for x in (k, v))
+    q = q.double()
+    n_elem = D if n_elem is None else n_elem
+    pos = torch.arange(T)
+    i, j = pos[:, None], pos[None, :]
+    s_n = naive_rope(q, pos, n_elem, rope_base) @ naive_rope(k, pos, n_elem, rope_base).transpose(-1, -2)
+    g_q = naive_rope(q, pos // G + W - W // G, n_elem, rope_base)
+    g_k = naive_rope(k, pos // G, n_elem, rope_base)
+    s_g = g_q @ g_k.transpose(-1, -2)
+    scores = torch.where(i - j < W, s_n, s_g) / D**0.5
+    scores = scores.masked_fill(j > i, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("G, W", [(2, 4), (3, 8), (4, 6), (8, 16)])
+@pytest.mark.parametrize("T, B, H, Hkv", [(40, 1, 4, 4), (70, 2, 4, 2), (33, 3, 2, 1)])
+def test_equals_the_naive_merged_softmax(G, W, T, B, H, Hkv, monkeypatch):
+    monkeypatch.setattr(se, "QUERY_BLOCK", 16)  # several query blocks
+    torch.manual_seed(G * 100 + T)
+    q, k, v = torch.randn(B, H, T, 16), torch.randn(B, Hkv, T, 16), torch.randn(B, Hkv, T, 16)
+    torch.testing.assert_close(self_extend_attention(q, k, v, G, W).double(), naive_self_extend(q, k, v, G, W),
+                               atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_a_sequence_within_the_window_is_causal_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 20, 16), torch.randn(2, 4, 20, 16), torch.randn(2, 4, 20, 16)
+    pos = torch.arange(20)
+    qr, kr = naive_rope(q, pos, 16, 10000.0), naive_rope(k, pos, 16, 10000.0)
+    causal = torch.nn.functional.scaled_dot_product_attention(qr.float(), kr.float(), v, is_causal=True)
+    torch.testing.assert_close(self_extend_attention(q, k, v, 4, 20), causal, atol=1e-5, rtol=0)
+
+
+def test_gradients_match_the_naive_implementation(monkeypatch):
+    monkeypatch.setattr(se, "QUERY_BLOCK", 8)
+    torch.manual_seed(1)
+    leaves = [torch.randn(2, 4, 30, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    grads = []
+    for fn in (lambda q, k, v: self_extend_attention(q, k, v, 3, 7), lambda q, k, v: naive_self_extend(q, k, v, 3, 7)):
+        out = fn(*leaves)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), leaves))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)  # RoPE tables are float32
+
+
+SE = {"name": "self_extend", "group_size": 3, "window": 10}
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-pythia"])
+@pytest.mark.parametrize("attention", [SE, {"name": "ssa", "base": SE}])
+def test_chunked_prefill_and_decoding_equal_the_full_forward_beyond_the_trained_context(preset, attention):
+    torch.manual_seed(0)
+    model = GPT(Config.from_name(preset, block_size=32, attention=attention)).eval()
+    assert model.max_seq_length == (32 - 10) * 3 + 10
+    idx = torch.randint(0, 200, (2, 60))  # almost twice the trained context
+    with torch.no_grad():
+        full = model(idx)
+        model.set_kv_cache(batch_size=2)
+        steps = [model(idx[:, :7], input_pos=torch.arange(7)), model(idx[:, 7:25], input_pos=torch.arange(7, 25))]
+        steps += [model(idx[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(25, 60)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_within_the_window_the_model_is_the_causal_model():
+    torch.manual_seed(0)
+    causal = GPT(Config.from_name("tiny-llama")).eval()
+    extended = GPT(Config.from_name("tiny-llama", attention={"name": "self_extend", "group_size": 4, "window": 64}))
+    extended.load_state_dict(causal.state_dict())
+    idx = torch.randint(0, 200, (1, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(extended.eval()(idx), causal(idx), atol=1e-5, rtol=0)
+
+
+def test_the_model_trains_with_self_extend_and_ssa():
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("tiny-llama", block_size=32, attention={"name": "ssa", "base": SE}))
+    idx = torch.randint(0, 200, (2, 50))
+    model.loss(idx, idx).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_bad_configurations_are_clear_errors():
+    with pytest.raises(ValueError, match="learned absolute positions"):
+        GPT(Config.from_name("tiny-gpt2", attention=SE))
+    with pytest.raises(ValueError, match="window=200 must be smaller than the trained context"):
+        GPT(Config.from_name("tiny-llama", attention={"name": "self_extend", "window": 200}))
+    with pytest.raises(ValueError, match="handles at most"):
+        GPT(Config.from_name("tiny-llama", block_size=32, attention=SE))(torch.zeros(1, 80, dtype=torch.long))
+    with pytest.warns(UserWarning, match="sliding window"):
+        GPT(Config.from_name("tiny-llama", sliding_window_size=16, attention=SE))
+
+
+def test_the_module_api_equals_the_function():
+    torch.manual_seed(0)
+    module = SelfExtendAttention(dim=32, n_head=4, group_size=2, window=5)
+    q, k, v = torch.randn(2, 24, 32), torch.randn(2, 24, 32), torch.randn(2, 24, 32)
+    heads = [x.view(2, 24, 4, 8).transpose(1, 2) for x in (q, k, v)]
+    expected = self_extend_attention(*heads, 2, 5).transpose(1, 2).reshape(2, 24, 32)
+    torch.testing.assert_close(module(q, k, v, torch.arange(24)), expected)
