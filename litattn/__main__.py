@@ -59,6 +59,7 @@ def commands() -> dict[str, Callable | dict[str, Callable]]:
     from litattn.evaluate import perplexity
     from litattn.finetune.finetune import setup as finetune
     from litattn.generate import main as generate
+    from litattn.passkey import passkey
     from litattn.pretrain.pretrain import setup as pretrain
     from litattn.visualize import attention as visualize_attention
 
@@ -68,7 +69,7 @@ def commands() -> dict[str, Callable | dict[str, Callable]]:
         "generate": generate,
         "ablate": ablate,
         "convert": {"from_hf": from_hf_main, "to_hf": to_hf_main},
-        "evaluate": {"perplexity": perplexity},
+        "evaluate": {"perplexity": perplexity, "passkey": passkey},
         "visualize": {"attention": visualize_attention},
         "attention": {"list": attention_list},
         "model": {"list": model_list},
