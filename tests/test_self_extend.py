@@ -32,6 +32,7 @@ def naive_self_extend(q, k, v, G, W, rope_base=10000.0, n_elem=None):
 @pytest.mark.parametrize("T, B, H, Hkv", [(40, 1, 4, 4), (70, 2, 4, 2), (33, 3, 2, 1)])
 def test_equals_the_naive_merged_softmax(G, W, T, B, H, Hkv, monkeypatch):
     monkeypatch.setattr(se, "QUERY_BLOCK", 16)  # several query blocks
+    monkeypatch.setattr(se, "KEY_TILE", 8 if T > 40 else 1024)  # and several key tiles, or one
     torch.manual_seed(G * 100 + T)
     q, k, v = torch.randn(B, H, T, 16), torch.randn(B, Hkv, T, 16), torch.randn(B, Hkv, T, 16)
     torch.testing.assert_close(self_extend_attention(q, k, v, G, W).double(), naive_self_extend(q, k, v, G, W),
@@ -49,6 +50,7 @@ def test_a_sequence_within_the_window_is_causal_attention():
 
 def test_gradients_match_the_naive_implementation(monkeypatch):
     monkeypatch.setattr(se, "QUERY_BLOCK", 8)
+    monkeypatch.setattr(se, "KEY_TILE", 5)
     torch.manual_seed(1)
     leaves = [torch.randn(2, 4, 30, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     grads = []
@@ -113,3 +115,27 @@ def test_the_module_api_equals_the_function():
     heads = [x.view(2, 24, 4, 8).transpose(1, 2) for x in (q, k, v)]
     expected = self_extend_attention(*heads, 2, 5).transpose(1, 2).reshape(2, 24, 32)
     torch.testing.assert_close(module(q, k, v, torch.arange(24)), expected)
+
+
+def test_a_checkpoint_runs_with_self_extend_from_the_command_line_beyond_its_context(tmp_path, capsys):
+    from litattn import checkpoint as ckpt
+    from litattn.__main__ import main
+    from litattn.generate import generate
+    from litattn.tokenizer import Tokenizer
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 20 + "the quick brown fox jumps over the lazy dog\n" * 20)
+    tokenizer = Tokenizer.train([text], 300, tmp_path / "tok")
+    config = Config.from_name("tiny-llama", block_size=32, vocab_size=300)
+    torch.manual_seed(0)
+    ckpt.save_checkpoint(tmp_path / "ckpt", GPT(config).state_dict(), config, tokenizer)
+    spec = "{name: self_extend, group_size: 3, window: 10}"
+    main(["generate", "--checkpoint_dir", str(tmp_path / "ckpt"), "--prompt", "def add(a, b):",
+          "--max_new_tokens", "50", "--temperature", "0", "--attention", spec])  # fmt: skip
+    out = capsys.readouterr()
+    assert "Generated 50 tokens" in out.err  # 50 new tokens after the prompt: beyond the 32 it was trained at
+    extended = GPT(Config.from_name("tiny-llama", block_size=32, vocab_size=300, attention=SE)).eval()
+    extended.load_state_dict(ckpt.load_state_dict(tmp_path / "ckpt" / ckpt.MODEL_FILE))
+    ids = generate(extended, torch.tensor(tokenizer.encode("def add(a, b):")), 50, temperature=0)
+    assert out.out.rstrip("\n") == tokenizer.decode(ids.tolist())
+    assert ckpt.load_config(tmp_path / "ckpt").attention["name"] == "causal"  # the checkpoint is untouched

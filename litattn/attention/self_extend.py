@@ -12,10 +12,12 @@ and neighbour window W (floor division):
 so the relative distances the model sees never exceed what it was trained on, for inputs up to
 (L - W) * G + W tokens (L = block_size). A sequence not longer than W is exactly causal attention.
 
-Memory is linear in T: queries go in blocks; a block's neighbour keys are the band of at most
-block + W keys behind it, its grouped keys those at least W behind; scores exist only per block
-(block x (T + W)), and with gradients each block is recomputed in the backward pass (activation
-checkpointing), so no T x T tensor exists in training either. Keys are cached before RoPE
+Memory is linear in T: queries go in blocks, keys in tiles, with an online softmax (flash-attention
+style); a block's neighbour keys are the band of at most block + W keys behind it, its grouped keys
+those at least W behind; queries are rotated block by block and keys tile by tile under the
+branch's map; scores exist one (block x tile) at a time, and with gradients each query block is
+recomputed in the backward pass (activation checkpointing), so no T x T tensor exists in training
+either. Keys are cached before RoPE
 (`cache_before_rope`) and re-rotated under both maps at every decoding step, which makes chunked
 prefill and decoding equal to the full forward.
 
@@ -42,7 +44,9 @@ if TYPE_CHECKING:
     from litattn.config import Config
 
 QUERY_BLOCK = 256
-"""Queries per block: scores of one block are (B, H, QUERY_BLOCK, <= T + W) float32."""
+"""Queries per block."""
+KEY_TILE = 512
+"""Keys per tile: one tile's scores are (B, H, QUERY_BLOCK, KEY_TILE) float32 (2 MiB for 4 heads)."""
 
 
 @dataclass
@@ -122,59 +126,70 @@ def grouped_neighbour_attention(
     window: int,
     scale_base: float | None = None,
     scale: float | None = None,
-    block: int = QUERY_BLOCK,
+    block: int | None = None,
 ) -> torch.Tensor:
     """Self-Extend attention on tensors before RoPE: q (B, H, T, D), k and v (B, Hkv, S, D), q_pos (T,) and
     k_pos (S,) positions (keys in increasing position order, as the cache and a forward give them), rope:
     positions -> (cos, sin). Returns (B, H, T, D). Causal: key j is visible to query i iff k_pos[j] <= q_pos[i].
+
+    Flash-style: query blocks x key tiles with an online softmax, keys rotated tile by tile, so memory is
+    O(block x tile) beyond the inputs and output; with gradients each query block is recomputed in backward.
     """
     B, H, T, D = q.shape
-    rep = H // k.shape[1]
-    if rep > 1:  # GQA: each key/value head serves `rep` query heads (linear memory)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    block = block or QUERY_BLOCK
     scale = D**-0.5 if scale is None else scale
-    g_q_pos = torch.div(q_pos, group_size, rounding_mode="floor") + window - window // group_size
-    g_k_pos = torch.div(k_pos, group_size, rounding_mode="floor")
-    cos_n, sin_n = rope(k_pos)
-    cos_g, sin_g = rope(g_k_pos)
-    k_n, k_g = rotate_half_rope(k, cos_n, sin_n), rotate_half_rope(k, cos_g, sin_g)
-    q_cos, q_sin = rope(q_pos)
-    gq_cos, gq_sin = rope(g_q_pos)
-    q_n, q_g = rotate_half_rope(q, q_cos, q_sin), rotate_half_rope(q, gq_cos, gq_sin)
-    if scale_base is not None:
-        log_scale = (torch.log1p(q_pos.float()) / math.log(scale_base)).clamp(min=1.0)
-        q_g = q_g * log_scale.to(q_g.dtype)[:, None]
     outs = []
     for start in range(0, T, block):
         end = min(T, start + block)
-        args = (q_n[:, :, start:end], q_g[:, :, start:end], k_n, k_g, v, q_pos[start:end], k_pos, window, scale)
+        pos = q_pos[start:end]
+        q_block = q[:, :, start:end]
+        qn = rotate_half_rope(q_block, *rope(pos))
+        qg = rotate_half_rope(
+            q_block, *rope(torch.div(pos, group_size, rounding_mode="floor") + window - window // group_size)
+        )
+        if scale_base is not None:
+            qg = qg * (torch.log1p(pos.float()) / math.log(scale_base)).clamp(min=1.0).to(qg.dtype)[:, None]
+        # GQA without copying keys: the `rep` query heads of a KV head become rows, (B, Hkv, rep * Tq, D)
+        qn, qg = (x.reshape(B, Hkv, rep * (end - start), D) for x in (qn, qg))
+        args = (qn, qg, k, v, pos.repeat(rep), k_pos, rope, group_size, window, scale)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            outs.append(checkpoint(_block, *args, use_reentrant=False))
+            y = checkpoint(_block, *args, use_reentrant=False)
         else:
-            outs.append(_block(*args))
+            y = _block(*args)
+        outs.append(y.view(B, H, end - start, D))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-def _block(q_n, q_g, k_n, k_g, v, q_pos, k_pos, window: int, scale: float) -> torch.Tensor:
-    """One query block: one softmax over its neighbour band and its grouped keys."""
+def _block(qn, qg, k, v, q_pos, k_pos, rope, group_size: int, window: int, scale: float) -> torch.Tensor:
+    """One query block: an online softmax over key tiles of its neighbour band and of its grouped keys."""
     first, last = int(q_pos.min()), int(q_pos.max())
-    # neighbour band: keys with last - W < pos <= last; grouped: keys with pos <= last - W
-    lo = int(torch.searchsorted(k_pos, torch.tensor(first - window + 1, device=k_pos.device)))
-    hi = int(torch.searchsorted(k_pos, torch.tensor(last, device=k_pos.device), right=True))
-    g_hi = int(torch.searchsorted(k_pos, torch.tensor(last - window, device=k_pos.device), right=True))
-    dt = torch.promote_types(q_n.dtype, torch.float32)  # scores in float32 at least
-    dist_n = q_pos[:, None] - k_pos[None, lo:hi]  # (Tq, band)
-    s_n = (q_n.to(dt) @ k_n[:, :, lo:hi].to(dt).transpose(-1, -2)) * scale
-    s_n = s_n.masked_fill(~((dist_n >= 0) & (dist_n < window)), float("-inf"))
-    if g_hi > 0:
-        dist_g = q_pos[:, None] - k_pos[None, :g_hi]
-        s_g = (q_g.to(dt) @ k_g[:, :, :g_hi].to(dt).transpose(-1, -2)) * scale
-        s_g = s_g.masked_fill(~(dist_g >= window), float("-inf"))
-        scores, values = torch.cat([s_n, s_g], dim=-1), torch.cat([v[:, :, lo:hi], v[:, :, :g_hi]], dim=2)
-    else:
-        scores, values = s_n, v[:, :, lo:hi]
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no visible key (padding) gets zeros
-    return (probs.to(values.dtype) @ values).to(v.dtype)
+    band_lo = int(torch.searchsorted(k_pos, torch.tensor(first - window + 1, device=k_pos.device)))
+    band_hi = int(torch.searchsorted(k_pos, torch.tensor(last, device=k_pos.device), right=True))
+    grouped_hi = int(torch.searchsorted(k_pos, torch.tensor(last - window, device=k_pos.device), right=True))
+    dt = torch.promote_types(qn.dtype, torch.float32)  # the softmax in float32 at least
+    m = torch.full(qn.shape[:-1], float("-inf"), dtype=dt, device=qn.device)  # running max (B, Hkv, R)
+    denom = torch.zeros_like(m)
+    acc = torch.zeros(*qn.shape[:-1], v.shape[-1], dtype=dt, device=qn.device)
+    tiles = [(lo, min(lo + KEY_TILE, band_hi), False) for lo in range(band_lo, band_hi, KEY_TILE)]
+    tiles += [(lo, min(lo + KEY_TILE, grouped_hi), True) for lo in range(0, grouped_hi, KEY_TILE)]
+    for lo, hi, grouped in tiles:
+        pos = k_pos[lo:hi]
+        cos, sin = rope(torch.div(pos, group_size, rounding_mode="floor") if grouped else pos)
+        kt = rotate_half_rope(k[:, :, lo:hi], cos, sin)
+        dist = q_pos[:, None] - pos[None, :]  # (R, tile)
+        allowed = dist >= window if grouped else (dist >= 0) & (dist < window)
+        scores = ((qg if grouped else qn).to(dt) @ kt.to(dt).transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        m_new = torch.maximum(m, scores.amax(dim=-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with nothing yet
+        probs = torch.exp(scores - m_safe[..., None])
+        correction = torch.exp(m - m_safe)
+        denom = denom * correction + probs.sum(dim=-1)
+        acc = acc * correction[..., None] + probs @ v[:, :, lo:hi].to(dt)
+        m = m_new
+    return (acc / denom.clamp(min=torch.finfo(dt).tiny)[..., None]).to(v.dtype)
 
 
 # ---------------------------------------------------------------------------------- standalone API
