@@ -338,3 +338,22 @@ def test_tokenizer_files_are_copied_both_ways(tmp_path, capsys):
         warnings.simplefilter("ignore")
         hf_tok = transformers.AutoTokenizer.from_pretrained(back)
     assert hf_tok("w0 w5", add_special_tokens=False)["input_ids"] == [3, 8]
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral"])
+def test_converted_checkpoints_run_with_self_extend_beyond_their_context(tmp_path, family):
+    hf_model = _hf_model(FAMILIES[family]())
+    hf_model.save_pretrained(tmp_path / "hf")
+    out = from_hf(tmp_path / "hf", tmp_path / "lit")
+    extend = {"name": "self_extend", "group_size": 4, "window": 8}
+    ids = _ids(seq=6)  # within the window (and Mistral's sliding window): exactly the converted model
+    _assert_close(_lit_logits(out, ids, attention=extend), _hf_logits(hf_model, ids))
+    model, _, _ = ckpt.load(out, attention=extend)
+    assert model.max_seq_length == (64 - 8) * 4 + 8
+    long = _ids(batch=1, seq=150)  # beyond the 64 positions it was trained for
+    with torch.no_grad():
+        full = model.eval()(long)
+        model.set_kv_cache(batch_size=1)
+        steps = [model(long[:, :100], input_pos=torch.arange(100))]
+        steps += [model(long[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(100, 150)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
