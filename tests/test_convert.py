@@ -340,6 +340,7 @@ def test_tokenizer_files_are_copied_both_ways(tmp_path, capsys):
     assert hf_tok("w0 w5", add_special_tokens=False)["input_ids"] == [3, 8]
 
 
+@pytest.mark.filterwarnings("ignore:self_extend. the model's sliding window")  # Mistral's: asserted in test_self_extend
 @pytest.mark.parametrize("family", ["llama3", "mistral"])
 def test_converted_checkpoints_run_with_self_extend_beyond_their_context(tmp_path, family):
     hf_model = _hf_model(FAMILIES[family]())
