@@ -154,9 +154,11 @@ class GPT(nn.Module):
             if given is not None and given.shape != (T,):
                 raise ValueError(f"{name} must have shape ({T},) to match idx, got {tuple(given.shape)}")
         kv_len = T if input_pos is None else int(input_pos.max()) + 1
+        reach = kv_len  # positions given apart from the slots cost one more device sync, the others none
         if positions is None:
             positions = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
-        reach = max(kv_len, int(positions.max()) + 1) if T else kv_len
+        elif T:
+            reach = max(kv_len, int(positions.max()) + 1)
         if reach > self.max_seq_length:
             raise ValueError(
                 f"Sequence reaches position {reach - 1} but the model handles at most {self.max_seq_length} tokens "
