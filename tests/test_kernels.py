@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import litattn.attention.kernels as kernels
 from litattn.attention import masks
-from litattn.attention.kernels import attend, attend_observed, attention_probs, merge_attention
+from litattn.attention.kernels import attend, attend_observed, merge_attention
 from litattn.attention.observers import AttentionObserver, DenseMaps, ReceivedAttention
 from reference import causal_mask, naive_attention_probs
 
@@ -330,15 +330,17 @@ def test_chunks_follow_mask_budget_and_probs_are_detached_float32(monkeypatch):
 
 
 @pytest.mark.parametrize("ng", [4, 1])
-def test_dense_maps_equal_attention_probs_and_y_equals_attend(ng):
+def test_dense_maps_equal_the_naive_probabilities_and_y_equals_attend(ng):
     T, S = 7, 12
     q_pos = torch.arange(5, 12)
     q, k, v = _qkv(ng=ng, T=T, S=S, seed=6)
     maps = DenseMaps()
     ys = {}
+    references = [causal_mask(q_pos, S, window=4), causal_mask(q_pos, S), None]  # loop-built masks
     for layer, mask_mod in enumerate([masks.sliding_window(q_pos, 4), masks.causal(q_pos), None]):
         ys[layer] = attend_observed(q, k, v, mask_mod=mask_mod, observer=maps, layer=layer, chunk=2)
-        torch.testing.assert_close(maps[layer], attention_probs(q, k, mask_mod), atol=1e-6, rtol=1e-6)
+        expected = naive_attention_probs(q, k, references[layer]).float()
+        torch.testing.assert_close(maps[layer], expected, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(ys[layer], attend(q, k, v, mask_mod=mask_mod), atol=1e-5, rtol=1e-5)
     assert list(maps.maps) == [0, 1, 2] and len(maps) == 3
     assert maps[0].shape == (2, 4, T, S) and maps[0].dtype == torch.float32

@@ -255,17 +255,3 @@ def _flex_fn(compiled: bool):
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_attention
     return torch.compile(flex_attention, dynamic=False)
-
-
-def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, mask_mod: MaskMod | None, scale: float | None = None
-) -> torch.Tensor:
-    """Explicit softmax probabilities (B, nh, T, S) in float32: O(T x S) memory, for inspection only."""
-    nh, ng = q.shape[1], k.shape[1]
-    k = k.repeat_interleave(nh // ng, dim=1)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    if mask_mod is not None:
-        mask = materialize(mask_mod, q.shape[0], torch.arange(q.shape[2], device=q.device), k.shape[2], q.device)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1)
