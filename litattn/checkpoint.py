@@ -123,12 +123,17 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
         raise
 
 
-def load_with_tokenizer(checkpoint_dir: Path, device=None, dtype=None, attention: dict | None = None):
+def load_with_tokenizer(
+    checkpoint_dir: Path, device=None, dtype=None, attention: dict | None = None, context: int | None = None
+):
     """`load` for inference entry points: the device picked automatically, the attention spec
-    optionally overridden, and a tokenizer required (generate, evaluate and visualize need one)."""
+    optionally overridden, the accepted context optionally widened (`GPT.allow_context`), and a
+    tokenizer required (generate, evaluate and visualize need one)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     overrides = {"attention": attention} if attention else {}
     model, tokenizer, config = load(checkpoint_dir, device=device, dtype=dtype, **overrides)
+    if context is not None:
+        model.allow_context(context)
     if tokenizer is None:
         raise FileNotFoundError(
             f"{checkpoint_dir} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer of the run "

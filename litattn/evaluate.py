@@ -32,6 +32,7 @@ def perplexity(
     out_file: Path | None = None,
     cache_dir: Path = Path("cache"),
     precision: str = "32-true",
+    context: int | None = None,
 ) -> dict[str, Any]:
     """Loss and perplexity of a checkpoint on a data module's validation split.
 
@@ -48,6 +49,8 @@ def perplexity(
         out_file: Where to write the results as JSON; default: `<checkpoint_dir>/eval/perplexity.json`.
         cache_dir: Where tokenized data is cached.
         precision: Fabric precision: 32-true, bf16-mixed, bf16-true, ... (the run's, to reproduce its val_loss).
+        context: Accept lengths up to this many tokens, beyond what the attention handles at block_size (RoPE
+            positions extrapolate: the baseline for context extension); default: what the attention handles.
 
     Returns:
         The results written to out_file: the checkpoint, attention spec, data and one row per length with
@@ -62,6 +65,7 @@ def perplexity(
     checkpoint_dir = Path(checkpoint_dir)
     check_range("micro_batch_size", micro_batch_size, ge=1)
     check_range("max_batches", max_batches, ge=1, null="the whole validation split")
+    check_range("context", context, ge=1, null="what the attention handles")
     if lengths is not None:
         if not lengths:
             raise ValueError("lengths must be a non-empty list of token counts >= 1 (or null for block_size), got []")
@@ -70,7 +74,9 @@ def perplexity(
 
     fabric = Fabric(accelerator="auto", devices=1, precision=precision)
     fabric.launch()
-    model, tokenizer, config = load_with_tokenizer(checkpoint_dir, fabric.device, _weights_dtype(precision), attention)
+    model, tokenizer, config = load_with_tokenizer(
+        checkpoint_dir, fabric.device, _weights_dtype(precision), attention, context
+    )
     max_len = model.max_seq_length
     lengths = [int(n) for n in lengths] if lengths else [config.block_size]
 
@@ -84,10 +90,7 @@ def perplexity(
     for n in lengths:
         row: dict[str, Any] = {"length": n}
         if n > max_len:
-            row["error"] = (
-                f"{n} tokens exceed what the model handles ({max_len}: block_size {config.block_size}, "
-                f"attention {config.attention['name']!r})"
-            )
+            row["error"] = too_long(n, max_len, config)
             rows.append(row)
             continue
         try:  # the data module's own dataset at the length it was set up for; windows of its token file otherwise
@@ -120,6 +123,14 @@ def perplexity(
     atomic_write_text(out_file, json.dumps(result, indent=2) + "\n")
     print(f"Saved {out_file}")
     return result
+
+
+def too_long(length: int, max_len: int, config) -> str:
+    """The error row of a length beyond what the model accepts, naming the way past it."""
+    return (
+        f"{length} tokens exceed what the model handles ({max_len}: block_size {config.block_size}, "
+        f"attention {config.attention['name']!r}); pass --context {length} to run it with RoPE extrapolation"
+    )
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

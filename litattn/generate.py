@@ -166,6 +166,7 @@ def main(
     top_p: float | None = None,
     seed: int = 1234,
     attention: dict | None = None,
+    context: int | None = None,
 ) -> str:
     """Generate text from a checkpoint, printing it as it is produced.
 
@@ -182,6 +183,8 @@ def main(
         seed: Seed of the sampling generator, for reproducible output (0 to 2**32 - 1).
         attention: Run with another attention spec than the checkpoint's, e.g. `{name: ssa}`;
             keys without a `name` update the saved spec's options.
+        context: Accept up to this many tokens, beyond what the attention handles at block_size (RoPE
+            positions extrapolate); default: what the attention handles.
 
     Returns:
         The generated text (without the prompt).
@@ -193,9 +196,10 @@ def main(
     check_range("max_new_tokens", max_new_tokens, ge=1)  # every argument before the model loads
     _check_sampling(temperature, top_k, top_p)
     check_seed("seed", seed)
+    check_range("context", context, ge=1, null="what the attention handles")
     if instruction is not None:
         prompt = format_prompt(instruction)
-    model, tokenizer, _ = load_with_tokenizer(checkpoint_dir, attention=attention)
+    model, tokenizer, _ = load_with_tokenizer(checkpoint_dir, attention=attention, context=context)
     device = model.lm_head.weight.device
     model.eval()
     ids = tokenizer.encode(prompt, bos=getattr(tokenizer, "use_bos", False))  # as the checkpoint's tokenizer does

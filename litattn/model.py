@@ -188,6 +188,19 @@ class GPT(nn.Module):
         self.mechanism.prepare_context(ctx)
         return ctx
 
+    def allow_context(self, length: int) -> None:
+        """Accept sequences of up to `length` tokens, beyond what the attention mechanism handles at block_size:
+        RoPE positions then extrapolate past those seen in training (the baseline a context-extension method
+        is measured against). Learned position embeddings end at block_size."""
+        if length < 1:
+            raise ValueError(f"context must be a positive number of tokens, got {length}")
+        if self.config.positional_embedding == "learned" and length > self.config.block_size:
+            raise ValueError(
+                f"context {length} exceeds block_size {self.config.block_size}, the last learned position "
+                f"embedding of {self.config.name!r}; only RoPE models extrapolate"
+            )
+        self.max_seq_length = length
+
     # ------------------------------------------------------------------ KV cache
     def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, device=None, dtype=None) -> None:
         """Allocate a KV cache in every layer for incremental decoding with forward(idx, input_pos)."""

@@ -111,6 +111,7 @@ def passkey(
     attention: dict | None = None,
     out_dir: Path | None = None,
     max_new_tokens: int = 8,
+    context: int | None = None,
 ) -> dict[str, Any]:
     """Passkey retrieval accuracy of a checkpoint: a 5-digit key hidden in filler text, answered greedily.
 
@@ -127,6 +128,8 @@ def passkey(
             keys without a `name` update the saved spec's options.
         out_dir: Where to write passkey.json and passkey.png; default: `<checkpoint_dir>/eval/`.
         max_new_tokens: Most tokens the model may answer with.
+        context: Accept lengths up to this many tokens, beyond what the attention handles at block_size (RoPE
+            positions extrapolate: the baseline for context extension); default: what the attention handles.
 
     Returns:
         The results written to passkey.json: the checkpoint, attention spec, keys and one row per length with a
@@ -137,12 +140,14 @@ def passkey(
 
     from litattn.args import check_range, check_seed
     from litattn.checkpoint import load_with_tokenizer
+    from litattn.evaluate import too_long
     from litattn.tokenizer import Tokenizer
 
     checkpoint_dir = Path(checkpoint_dir)
     check_range("trials", trials, ge=1)
     check_range("max_new_tokens", max_new_tokens, ge=1)
     check_seed("seed", seed)
+    check_range("context", context, ge=1, null="what the attention handles")
     if lengths is not None:
         if not lengths:
             raise ValueError("lengths must be a non-empty list of token counts (or null for block_size), got []")
@@ -166,7 +171,7 @@ def passkey(
     if tokenizer is not None and lengths is not None:
         _check_lengths(tokenizer, lengths, keys, max_new_tokens)
 
-    model, tokenizer, config = load_with_tokenizer(checkpoint_dir, attention=attention)
+    model, tokenizer, config = load_with_tokenizer(checkpoint_dir, attention=attention, context=context)
     model.eval()
     max_len = model.max_seq_length
     lengths = [int(n) for n in lengths] if lengths else [config.block_size]
@@ -177,13 +182,7 @@ def passkey(
     with tqdm(total=len(valid) * len(depths) * trials, desc="passkey", unit="prompt", delay=2.0, leave=False) as bar:
         for n in lengths:
             if n > max_len:
-                rows.append(
-                    {
-                        "length": n,
-                        "error": f"{n} tokens exceed what the model handles ({max_len}: block_size "
-                        f"{config.block_size}, attention {config.attention['name']!r})",
-                    }
-                )
+                rows.append({"length": n, "error": too_long(n, max_len, config)})
                 continue
             cells = []
             for depth in depths:

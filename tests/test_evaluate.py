@@ -154,6 +154,51 @@ def test_attention_override_is_used_and_its_max_length_applies(run):
     assert abs(causal["results"][0]["loss"] - result["results"][0]["loss"]) > 1e-3  # the window changed the model
 
 
+def test_context_runs_causal_beyond_block_size_as_rope_extrapolation(run):
+    final = run / "out" / "final"
+    lengths = [SEQ_LEN, 2 * SEQ_LEN]
+    result = perplexity(
+        final,
+        data=_data(run),
+        lengths=lengths,
+        micro_batch_size=2,
+        max_batches=2,
+        context=2 * SEQ_LEN,
+        cache_dir=run / "cache",
+    )
+    model, _, _ = ckpt.load(final)
+    model.allow_context(2 * SEQ_LEN)
+    tokens = _val_tokens(run)
+    for row, length in zip(result["results"], lengths, strict=True):
+        assert "error" not in row
+        assert row["loss"] == pytest.approx(naive_loss(model, tokens, length, 4), abs=1e-5)
+    # the first block_size positions see the same context as without the override
+    x = torch.tensor(tokens[: 2 * SEQ_LEN].astype(np.int64))[None]
+    with torch.no_grad():
+        assert torch.allclose(model(x)[:, :SEQ_LEN], model(x[:, :SEQ_LEN]), atol=1e-5)
+    without = perplexity(final, data=_data(run), lengths=[2 * SEQ_LEN], max_batches=1, cache_dir=run / "cache")
+    assert "--context" in without["results"][0]["error"]
+
+
+def test_learned_positions_cannot_extrapolate():
+    from litattn import GPT, Config
+
+    model = GPT(
+        Config(
+            name="gpt2-tiny",
+            n_layer=1,
+            n_head=2,
+            n_embd=8,
+            block_size=16,
+            vocab_size=32,
+            positional_embedding="learned",
+        )
+    )
+    model.allow_context(16)
+    with pytest.raises(ValueError, match="learned position"):
+        model.allow_context(17)
+
+
 def test_bad_input_is_a_clear_error(run, tmp_path):
     final = run / "out" / "final"
     with pytest.raises(ValueError, match="lengths"):

@@ -146,6 +146,21 @@ def test_length_beyond_the_context_is_an_error_row(checkpoint, tmp_path, monkeyp
     assert (tmp_path / "passkey.png").is_file()
 
 
+def test_context_lets_causal_answer_beyond_block_size(checkpoint, tmp_path, monkeypatch):
+    """With --context the 256-token prompts reach the real model (RoPE extrapolation), not an error row."""
+    lengths = []
+    real = pk._answer
+
+    def answer(model, tokenizer, ids, n):
+        lengths.append(len(ids) + n)
+        return real(model, tokenizer, ids, n)
+
+    monkeypatch.setattr(pk, "_answer", answer)
+    result = pk.passkey(checkpoint, lengths=[256], depths=[0.5], trials=1, out_dir=tmp_path, context=256)
+    assert "error" not in result["results"][0] and result["max_seq_length"] == 256
+    assert 128 < max(lengths) <= 256
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
