@@ -10,7 +10,8 @@ the same data order for every variant, so variants differ only in what they over
 A run is finished when its `summary.json` exists; a rerun skips finished runs and resumes
 interrupted ones from their newest checkpoint, so a killed grid completes where it stopped.
 Results: `results.csv` (one row per run), `results.md` (mean and spread over seeds per variant),
-`loss_curves.png` and `summary.png`.
+`loss_curves.png` and `summary.png`. With an `evaluate` section, each run's final checkpoint is then
+evaluated (perplexity, passkey) at several lengths with several attention specs: `evaluation.md` and friends.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from litattn import ablate_evaluate
 from litattn.args import check_range, check_seed
 from litattn.config import merge_overrides
 from litattn.utils import atomic_write_text
@@ -59,6 +62,7 @@ def ablate(
     entry_point: str = "pretrain",
     baseline: str | None = None,
     parallel: int = 1,
+    evaluate: dict[str, Any] | None = None,
     dry_run: bool = False,
 ) -> Path:
     """Run every variant x seed of an ablation and write results.csv, results.md and plots.
@@ -73,6 +77,9 @@ def ablate(
         entry_point: The litattn subcommand that runs the recipe (pretrain or finetune).
         baseline: The variant others are compared with (parameters added); default: the first.
         parallel: Runs at once (>= 1). On CUDA, run i gets device i % parallel; on CPU keep 1 (runs share the cores).
+        evaluate: Evaluate each run's final checkpoint afterwards (litattn/ablate_evaluate.py): `attention` maps
+            labels to the specs to evaluate with, `perplexity` and `passkey` hold `litattn evaluate` arguments,
+            e.g. `{attention: {causal: {name: causal}}, passkey: {lengths: [256, 512], context: 512}}`.
         dry_run: Print the planned runs and exit.
     """
     base = Path(base)
@@ -98,15 +105,20 @@ def ablate(
     for variant in variants:  # a misspelt key in a variant fails now, not after an hour of other runs
         _validate(entry_point, configs[f"{variant}/seed-{seeds[0]}"], variant)
 
+    evaluations = ablate_evaluate.plan(evaluate, runs) if evaluate is not None else []
+
     print(f"Ablation {out_dir}: {len(variants)} variants x {len(seeds)} seeds, budget {budget or 'as in the recipe'}")
     for run in runs:
         state = "done" if run.finished else ("resume" if _has_checkpoint(run) else "new")
         print(f"  {run.name:<40} {state}")
+    for e in evaluations:
+        print(f"  {e.run.name:<40} evaluate {e.kind} with {e.label}: {'done' if e.result_file.is_file() else 'new'}")
     if dry_run:
         return out_dir
 
     todo = [r for r in runs if not r.finished]
     for run in todo:
+        shutil.rmtree(run.directory / "eval", ignore_errors=True)  # evaluations of a checkpoint about to change
         run.directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.directory / "run.yaml", yaml.safe_dump(configs[run.name], sort_keys=False))
     _execute(todo, entry_point, parallel)
@@ -121,6 +133,10 @@ def ablate(
         f"Wrote {out_dir / 'results.csv'}, {out_dir / 'results.md'}, {out_dir / 'loss_curves.png'}, "
         f"{out_dir / 'summary.png'}"
     )
+    if evaluations:
+        ablate_evaluate.execute(evaluations)
+        print(ablate_evaluate.write(ablate_evaluate.rows(evaluations), list(seeds), out_dir))
+        print(f"Wrote {out_dir / 'evaluation.csv'}, {out_dir / 'evaluation.md'}, {out_dir / 'evaluation.png'}")
     return out_dir
 
 
@@ -138,6 +154,23 @@ def _run_config(recipe: dict, overrides: dict | None, variant: dict | None, budg
 
 def _validate(entry_point: str, config: dict, variant: str) -> None:
     """Parse a run's config against the entry point's signature, and build its model config."""
+    try:
+        printed = parse_config([entry_point], config)
+    except ValueError as e:
+        raise ValueError(f"Variant {variant!r} is not a valid {entry_point} recipe: {e}") from None
+    try:  # --print_config does not range-check: build the argument groups from what it printed
+        _check_values(yaml.safe_load(printed) or {})
+    except ValueError as e:
+        raise ValueError(f"Variant {variant!r} is not a valid {entry_point} recipe: {e}") from None
+    if entry_point == "pretrain":
+        from litattn.config import resolve_model_config
+
+        resolve_model_config(config.get("model_name", "quickstart"), config.get("model"))
+
+
+def parse_config(command: list[str], config: dict) -> str:
+    """The config as `litattn <command> --config ... --print_config` prints it: parsed against the subcommand's
+    signature without running it. ValueError with the parser's last line when it does not parse."""
     import contextlib
     import io
     import tempfile
@@ -149,22 +182,13 @@ def _validate(entry_point: str, config: dict, variant: str) -> None:
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main([entry_point, "--config", f.name, "--print_config"])
+            main([*command, "--config", f.name, "--print_config"])
     except SystemExit as e:
         if e.code:
-            raise ValueError(
-                f"Variant {variant!r} is not a valid {entry_point} recipe: {err.getvalue().strip().splitlines()[-1]}"
-            ) from None
+            raise ValueError((err.getvalue().strip().splitlines() or ["(no message)"])[-1]) from None
     finally:
         os.unlink(f.name)
-    try:  # --print_config does not range-check: build the argument groups from what it printed
-        _check_values(yaml.safe_load(out.getvalue()) or {})
-    except ValueError as e:
-        raise ValueError(f"Variant {variant!r} is not a valid {entry_point} recipe: {e}") from None
-    if entry_point == "pretrain":
-        from litattn.config import resolve_model_config
-
-        resolve_model_config(config.get("model_name", "quickstart"), config.get("model"))
+    return out.getvalue()
 
 
 def _check_values(config: dict[str, Any]) -> None:

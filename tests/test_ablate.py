@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def smoke(out_dir: Path, corpus: Path, cache: Path) -> Path:
+def smoke(out_dir: Path, corpus: Path, cache: Path, **extra) -> Path:
     """config_hub/ablations/smoke.yaml, on a small corpus."""
     import yaml
 
@@ -30,7 +31,7 @@ def smoke(out_dir: Path, corpus: Path, cache: Path) -> Path:
         data={"class_path": "litattn.data.TextFiles", "init_args": {"train_dirs": [str(corpus)]}},
         cache_dir=str(cache),
     )
-    return ablate(**{**spec, "out_dir": out_dir})
+    return ablate(**{**spec, "out_dir": out_dir, **extra})
 
 
 def test_smoke_grid_produces_tables_and_plots_and_a_rerun_finishes_only_missing_runs(tmp_path, corpus):
@@ -61,6 +62,42 @@ def test_smoke_grid_produces_tables_and_plots_and_a_rerun_finishes_only_missing_
         image = matplotlib.image.imread(out / png)
         assert image.shape[0] > 300 and image.std() > 0.05
 
+    # the evaluation stage on the finished grid: no run retrains; Self-Extend equals causal within its window and
+    # reaches (64 - 32) * 2 + 32 = 96 tokens, where causal (block_size 64, no --context) is an error row
+    perplexity_args = {
+        "data": {"class_path": "litattn.data.TextFiles", "init_args": {"train_dirs": [str(corpus)]}},
+        "cache_dir": str(tmp_path / "cache"),
+        "lengths": [16, 96],
+        "max_batches": 1,
+        "micro_batch_size": 2,
+    }
+    evaluate = {
+        "attention": {"causal": {"name": "causal"}, "se": {"name": "self_extend", "group_size": 2, "window": 32}},
+        "perplexity": perplexity_args,
+    }
+    smoke(tmp_path / "grid", corpus, tmp_path / "cache", evaluate=evaluate)
+    with open(out / "evaluation.csv") as f:
+        evaluated = list(csv.DictReader(f))
+    assert len(evaluated) == 2 * 2 * 2 * 2  # variants x seeds x attention specs x lengths
+    by_cell = {(r["variant"], r["seed"], r["attention"], r["length"]): r for r in evaluated}
+    for (variant, seed, attention, length), r in by_cell.items():
+        if length == "96":
+            if attention == "causal":
+                assert r["value"] == "" and "--context 96" in r["error"]
+            else:
+                assert float(r["value"]) > 1 and not r["error"]
+        elif attention == "causal":
+            extended = by_cell[(variant, seed, "se", length)]
+            assert float(r["value"]) == pytest.approx(float(extended["value"]), rel=1e-4)
+            saved = json.loads((out / variant / f"seed-{seed}" / "eval" / "causal" / "perplexity.json").read_text())
+            assert float(r["value"]) == saved["results"][0]["perplexity"]
+    md = (out / "evaluation.md").read_text()
+    assert "| causal | causal |" in md and "n/a" in md
+    assert matplotlib.image.imread(out / "evaluation.png").std() > 0.05
+    evaluation_times = {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/eval/*/perplexity.json")}
+    smoke(tmp_path / "grid", corpus, tmp_path / "cache", evaluate=evaluate)  # nothing left to do: nothing rerun
+    assert {p: p.stat().st_mtime_ns for p in evaluation_times} == evaluation_times
+
     # kill mid-grid, emulated: one run never finished (its summary and final/ are gone, a step checkpoint stays)
     interrupted = out / "causal-masked-sdpa" / "seed-2"
     (interrupted / "summary.json").unlink()
@@ -72,6 +109,7 @@ def test_smoke_grid_produces_tables_and_plots_and_a_rerun_finishes_only_missing_
     smoke(tmp_path / "grid", corpus, tmp_path / "cache")
     assert {p: p.stat().st_mtime_ns for p in untouched} == untouched  # finished runs were skipped
     assert "Resumed from" in (interrupted / "log.txt").read_text()
+    assert not (interrupted / "eval").exists()  # evaluations of the checkpoint it replaced are gone
     with open(out / "results.csv") as f:
         rerun = {(r["variant"], r["seed"]): float(r["final_val_loss"]) for r in csv.DictReader(f)}
     assert rerun.keys() == by_key.keys()
@@ -113,3 +151,50 @@ def test_a_misspelt_variant_key_fails_before_any_run(tmp_path):
             seeds=[1],
             out_dir=tmp_path,
         )
+
+
+def test_evaluation_tables_from_result_files(tmp_path):
+    """Passkey accuracy pools the depths; cells are mean ± sample std over seeds; an error in any seed is n/a."""
+    from litattn import ablate_evaluate
+    from litattn.ablate import Run
+
+    runs = [Run("v", seed, tmp_path / f"seed-{seed}") for seed in (1, 2)]
+    evaluations = ablate_evaluate.plan({"attention": {"se": {"name": "self_extend"}}, "passkey": {}}, runs)
+    correct = {1: (2, 1), 2: (0, 1)}  # seed -> correct answers at depth 0 and depth 1, of 2 trials each
+    for e in evaluations:
+        e.directory.mkdir(parents=True)
+        cells = [{"correct": c, "trials": 2} for c in correct[e.run.seed]]
+        rows = [{"length": 256, "cells": cells}, {"length": 512, "cells": cells}]
+        if e.run.seed == 2:
+            rows[1] = {"length": 512, "error": "too long"}
+        e.result_file.write_text(json.dumps({"results": rows}))
+    rows = ablate_evaluate.rows(evaluations)
+    assert [(r["seed"], r["length"], r["value"]) for r in rows] == [
+        (1, 256, 0.75),
+        (1, 512, 0.75),
+        (2, 256, 0.25),
+        (2, 512, None),
+    ]
+    table = ablate_evaluate.markdown(rows, [1, 2])
+    assert f"| v | se | 0.50 ± {statistics.stdev([0.75, 0.25]):.2f} | n/a |" in table
+
+
+@pytest.mark.parametrize(
+    "evaluate, message",
+    [
+        ({"perplexty": {}}, "unknown keys ['perplexty']"),
+        ({"attention": {"x": {"name": "nope"}}, "passkey": {}}, "evaluate.attention.x: Unknown attention mechanism"),
+        ({"passkey": {"trails": 3}}, "evaluate.passkey is not valid"),
+        ({"attention": {"x": {"name": "causal"}}}, "names no evaluation"),
+    ],
+)
+def test_a_bad_evaluate_section_fails_before_any_run(tmp_path, evaluate, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ablate(
+            base=ROOT / "config_hub/pretrain/debug.yaml",
+            variants={"causal": {}},
+            seeds=[1],
+            out_dir=tmp_path,
+            evaluate=evaluate,
+        )
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,241 @@
+"""The evaluation stage of `litattn ablate`: every run's final checkpoint evaluated at several lengths, with
+several attention specs (e.g. causal against Self-Extend beyond the trained context), as mean ± std over seeds.
+
+    evaluate:
+      attention:                  # label -> spec the checkpoint is evaluated with; default {own: null}
+        causal: {name: causal}
+        se-g4-w64: {name: self_extend, group_size: 4, window: 64}
+      perplexity: {lengths: [256, 512], max_batches: 4, context: 512}   # `litattn evaluate perplexity` arguments
+      passkey: {lengths: [256, 512], trials: 4, context: 512}           # `litattn evaluate passkey` arguments
+
+Each evaluation is its own `litattn evaluate <kind> --config <run>/eval/<label>/<kind>.yaml` process writing
+`<kind>.json` beside it; one whose JSON exists is skipped, so a rerun finishes only what is missing.
+Outputs: `evaluation.csv` (one row per run x attention x kind x length), `evaluation.md` and `evaluation.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from litattn.utils import atomic_write, atomic_write_text
+
+KINDS = {"perplexity": "perplexity", "passkey": "passkey accuracy"}  # kind -> what its table shows
+
+
+@dataclass
+class Evaluation:
+    """One `litattn evaluate <kind>` of one run's final checkpoint with one attention spec."""
+
+    run: Any  # litattn.ablate.Run
+    kind: str
+    label: str
+    arguments: dict[str, Any]
+
+    @property
+    def directory(self) -> Path:
+        return self.run.directory / "eval" / self.label
+
+    @property
+    def result_file(self) -> Path:
+        return self.directory / f"{self.kind}.json"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The evaluate subcommand's config: the ablation's arguments, the checkpoint, the spec, the output."""
+        config = {**self.arguments, "checkpoint_dir": str(self.run.directory / "final")}
+        if self.kind == "perplexity":
+            config["out_file"] = str(self.result_file)
+        else:
+            config["out_dir"] = str(self.directory)
+        return config
+
+
+def plan(spec: dict[str, Any], runs: list) -> list[Evaluation]:
+    """The evaluations of every run, checked (keys, attention specs, each subcommand's arguments) before any work."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"evaluate must be a mapping of attention, perplexity and passkey, got {spec!r}")
+    unknown = sorted(set(spec) - {"attention", *KINDS})
+    if unknown:
+        raise ValueError(f"evaluate has unknown keys {unknown}; it takes attention, {', '.join(KINDS)}")
+    kinds = [k for k in KINDS if k in spec]
+    if not kinds:
+        raise ValueError(f"evaluate names no evaluation: give the arguments of one of {list(KINDS)}")
+    attention = spec.get("attention") or {"own": None}
+    if not isinstance(attention, dict):
+        raise ValueError(f"evaluate.attention must map labels to attention specs, got {attention!r}")
+    for label, att in attention.items():
+        if att is not None:
+            _check_attention(label, att)
+    evaluations = []
+    for run in runs:
+        for kind in kinds:
+            arguments = dict(spec[kind] or {})
+            if "attention" in arguments or "checkpoint_dir" in arguments:
+                raise ValueError(f"evaluate.{kind} sets attention/checkpoint_dir; the ablation sets those itself")
+            for label, att in attention.items():
+                evaluations.append(Evaluation(run, kind, label, {**arguments, **({"attention": att} if att else {})}))
+    for e in evaluations[: len(kinds) * len(attention)]:  # each distinct config once, on the first run
+        _check_arguments(e)
+    return evaluations
+
+
+def _check_attention(label: str, spec: Any) -> None:
+    from litattn.attention.registry import normalize_attention_spec, split_spec
+
+    try:
+        split_spec(normalize_attention_spec(spec))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"evaluate.attention.{label}: {e}") from None
+
+
+def _check_arguments(evaluation: Evaluation) -> None:
+    """Parse the config against the subcommand's signature, as the process will, without loading anything."""
+    from litattn.ablate import parse_config
+
+    try:
+        parse_config(["evaluate", evaluation.kind], evaluation.config)
+    except ValueError as e:
+        raise ValueError(f"evaluate.{evaluation.kind} is not valid for `litattn evaluate`: {e}") from None
+
+
+def execute(evaluations: list[Evaluation]) -> None:
+    """Run the missing evaluations one at a time; a failure stops the stage with its log's tail."""
+    for e in evaluations:
+        if e.result_file.is_file():
+            continue
+        e.directory.mkdir(parents=True, exist_ok=True)
+        config = e.directory / f"{e.kind}.yaml"
+        atomic_write_text(config, yaml.safe_dump(e.config, sort_keys=False))
+        log_path = e.directory / f"{e.kind}.log"
+        print(f"[{time.strftime('%H:%M:%S')}] evaluating {e.run.name} {e.kind} with {e.label}", flush=True)
+        with open(log_path, "w") as log:
+            args = [sys.executable, "-m", "litattn", "evaluate", e.kind, "--config", str(config)]
+            code = subprocess.call(args, stdout=log, stderr=subprocess.STDOUT)
+        if code != 0 or not e.result_file.is_file():
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"Evaluation {e.run.name} {e.kind} {e.label} failed (exit {code}): " + " | ".join(tail))
+
+
+def rows(evaluations: list[Evaluation]) -> list[dict[str, Any]]:
+    """One row per evaluation and length: the value (perplexity, or passkey accuracy over all depths) or an error."""
+    out = []
+    for e in evaluations:
+        result = json.loads(e.result_file.read_text())
+        for r in result["results"]:
+            value = None
+            if "error" not in r:
+                if e.kind == "perplexity":
+                    value = r["perplexity"]
+                else:
+                    value = sum(c["correct"] for c in r["cells"]) / sum(c["trials"] for c in r["cells"])
+            out.append(
+                {
+                    "variant": e.run.variant,
+                    "seed": e.run.seed,
+                    "attention": e.label,
+                    "kind": e.kind,
+                    "length": r["length"],
+                    "value": value,
+                    "error": r.get("error", ""),
+                }
+            )
+    return out
+
+
+def _groups(table_rows: list[dict], kind: str) -> tuple[list[tuple[str, str]], list[int]]:
+    mine = [r for r in table_rows if r["kind"] == kind]
+    keys = list(dict.fromkeys((r["variant"], r["attention"]) for r in mine))
+    lengths = sorted({r["length"] for r in mine})
+    return keys, lengths
+
+
+def _values(table_rows: list[dict], kind: str, key: tuple[str, str], length: int) -> list[float] | None:
+    """The seeds' values of one cell; None when any seed's evaluation was an error (beyond the context)."""
+    cell = [r for r in table_rows if (r["kind"], r["variant"], r["attention"], r["length"]) == (kind, *key, length)]
+    if not cell or any(r["value"] is None for r in cell):
+        return None
+    return [r["value"] for r in cell]
+
+
+def markdown(table_rows: list[dict], seeds: list[int]) -> str:
+    """A table per kind: rows variant x attention, columns lengths, cells mean ± sample std over seeds."""
+    parts = []
+    for kind, title in KINDS.items():
+        keys, lengths = _groups(table_rows, kind)
+        if not keys:
+            continue
+        header = ["variant", "attention"] + [str(n) for n in lengths]
+        lines = [f"**{title}** by length (tokens)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        fmt = ".3f" if kind == "perplexity" else ".2f"
+        for key in keys:
+            cells = list(key)
+            for n in lengths:
+                values = _values(table_rows, kind, key, n)
+                if values is None:
+                    cells.append("n/a")
+                else:
+                    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                    cells.append(f"{statistics.mean(values):{fmt}} ± {spread:{fmt}}")
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    note = f"Seeds {list(seeds)}; mean ± std over seeds; n/a: beyond what the attention accepts (see evaluation.csv)."
+    return "\n\n".join(parts) + f"\n\n{note}\n"
+
+
+def write(table_rows: list[dict], seeds: list[int], out_dir: Path) -> str:
+    """evaluation.csv, evaluation.md and evaluation.png in out_dir; returns the markdown."""
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table_rows[0]))
+            writer.writeheader()
+            writer.writerows(table_rows)
+
+    atomic_write(out_dir / "evaluation.csv", write_csv)
+    table = markdown(table_rows, seeds)
+    atomic_write_text(out_dir / "evaluation.md", table)
+    _plot(table_rows, out_dir / "evaluation.png")
+    return table
+
+
+def _plot(table_rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in KINDS if any(r["kind"] == k for r in table_rows)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        keys, lengths = _groups(table_rows, kind)
+        for key in keys:
+            points = [(n, v) for n in lengths if (v := _values(table_rows, kind, key, n)) is not None]
+            if not points:
+                continue
+            xs = [n for n, _ in points]
+            means = [statistics.mean(v) for _, v in points]
+            spreads = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
+            ax.errorbar(xs, means, yerr=spreads, marker="o", capsize=4, label=" / ".join(key))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.set_xlabel("length (tokens)")
+        ax.set_title(f"{KINDS[kind]} (mean ± std over seeds)")
+        if kind == "perplexity":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
