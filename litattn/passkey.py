@@ -60,29 +60,50 @@ def prompt_text(key: int, filler_sentences: int, key_after: int) -> tuple[str, s
     return before, before + KEY_SENTENCE.format(key=key) + "".join(filler[key_after:]) + QUESTION
 
 
+class PromptBuilder:
+    """Builds prompts for one tokenizer: the most filler sentences whose prompt tokens (with the tokenizer's BOS
+    where it uses one) fit in max_tokens. The filler's tokens per sentence are estimated once, in context, so a
+    prompt costs about two tokenizations at any length."""
+
+    RATE_SENTENCES = 200  # filler sentences tokenized once for the estimate
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.bos = bool(getattr(tokenizer, "use_bos", False))
+        base = len(self.ids(10000, 0, 0.0))
+        full = len(self.ids(10000, self.RATE_SENTENCES, 0.0))
+        self.tokens_per_sentence = max((full - base) / self.RATE_SENTENCES, 1.0)
+
+    def ids(self, key: int, filler_sentences: int, depth: float) -> list[int]:
+        text = prompt_text(key, filler_sentences, round(depth * filler_sentences))[1]
+        return self.tokenizer.encode(text, bos=self.bos)
+
+    def shortest(self, key: int) -> int:
+        """Tokens of the prompt without filler."""
+        return len(self.ids(key, 0, 0.0))
+
+    def __call__(self, key: int, depth: float, max_tokens: int) -> Prompt:
+        """The prompt; ValueError when even the prompt without filler does not fit."""
+        base = self.shortest(key)
+        if base > max_tokens:
+            raise ValueError(f"a passkey prompt without filler has {base} tokens, more than the {max_tokens} available")
+        n = max(int((max_tokens - base) / self.tokens_per_sentence), 0)  # an estimate, then corrected
+        ids = self.ids(key, n, depth)
+        while n > 0 and len(ids) > max_tokens:
+            n -= 1
+            ids = self.ids(key, n, depth)
+        while len(longer := self.ids(key, n + 1, depth)) <= max_tokens:
+            n += 1
+            ids = longer
+        key_after = round(depth * n)
+        before, _ = prompt_text(key, n, key_after)
+        return Prompt(ids, key, depth, n, key_after, len(self.tokenizer.encode(before, bos=self.bos)))
+
+
 def build_prompt(tokenizer: Any, key: int, depth: float, max_tokens: int) -> Prompt:
     """The prompt with the most filler sentences whose tokens (with the tokenizer's BOS where it uses one) fit
-    in max_tokens; ValueError when even the prompt without filler does not fit."""
-    bos = bool(getattr(tokenizer, "use_bos", False))
-
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, bos=bos)
-
-    def ids(n: int) -> list[int]:
-        return encode(prompt_text(key, n, round(depth * n))[1])
-
-    base = len(ids(0))
-    if base > max_tokens:
-        raise ValueError(f"a passkey prompt without filler has {base} tokens, more than the {max_tokens} available")
-    per_sentence = max(len(encode("".join(FILLER))) / len(FILLER), 1.0)
-    n = max(int((max_tokens - base) / per_sentence), 0)  # an estimate, then corrected by whole tokenizations
-    while n > 0 and len(ids(n)) > max_tokens:
-        n -= 1
-    while len(ids(n + 1)) <= max_tokens:
-        n += 1
-    key_after = round(depth * n)
-    before, _ = prompt_text(key, n, key_after)
-    return Prompt(ids(n), key, depth, n, key_after, len(encode(before)))
+    in max_tokens; ValueError when even the prompt without filler does not fit. (Many prompts: `PromptBuilder`.)"""
+    return PromptBuilder(tokenizer)(key, depth, max_tokens)
 
 
 def is_correct(answer: str, key: int) -> bool:
@@ -176,6 +197,7 @@ def passkey(
     max_len = model.max_seq_length
     lengths = [int(n) for n in lengths] if lengths else [config.block_size]
     _check_lengths(tokenizer, lengths, keys, max_new_tokens)
+    build = PromptBuilder(tokenizer)
 
     rows: list[dict[str, Any]] = []
     valid = [n for n in lengths if n <= max_len]
@@ -189,7 +211,7 @@ def passkey(
                 answers = []
                 for key in keys:
                     bar.set_postfix(length=n, depth=depth)
-                    prompt = build_prompt(tokenizer, key, depth, n - max_new_tokens)
+                    prompt = build(key, depth, n - max_new_tokens)
                     with torch.no_grad():
                         text = _answer(model, tokenizer, prompt.ids, max_new_tokens)
                     answers.append(
@@ -242,9 +264,10 @@ def passkey(
 
 def _check_lengths(tokenizer: Any, lengths: list[int], keys: list[int], max_new_tokens: int) -> None:
     """ValueError unless every length holds the prompt without filler (for each key) plus max_new_tokens."""
-    bos = bool(getattr(tokenizer, "use_bos", False))
-    shortest = max(len(tokenizer.encode(prompt_text(k, 0, 0)[1], bos=bos)) for k in keys) + max_new_tokens
     from litattn.args import check_range
+
+    build = PromptBuilder(tokenizer)
+    shortest = max(build.shortest(k) for k in keys) + max_new_tokens
 
     for n in lengths:
         check_range(f"lengths (each of {list(lengths)}; the prompt without filler plus max_new_tokens)", n, ge=shortest)

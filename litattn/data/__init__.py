@@ -10,6 +10,7 @@ from litattn.data.instructions import (
     format_prompt,
     truncate,
 )
+from litattn.data.passkey_mix import PasskeyMix
 from litattn.data.pydoc_qa import PyDocQA
 from litattn.data.stdlib import StdlibCorpus
 from litattn.data.text_files import TextFiles
@@ -21,6 +22,7 @@ __all__ = [
     "Example",
     "InstructionData",
     "InstructionDataset",
+    "PasskeyMix",
     "PyDocQA",
     "StdlibCorpus",
     "TextFiles",
