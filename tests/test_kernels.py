@@ -353,3 +353,29 @@ def test_observers_refuse_a_forward_that_does_not_start_at_query_zero():
     for obs in (DenseMaps(), ReceivedAttention()):
         with pytest.raises(RuntimeError, match="not 0"):
             obs.observe(0, 2, probs)
+
+
+def test_fused_cpu_parts_equal_one_softmax_over_their_union_with_exact_gradients():
+    """Two parts with their own queries over overlapping key ranges, disjoint by mask: the merged result and
+    its gradients equal one naive softmax over the merged scores; a row empty in one part weighs nothing there."""
+    from litattn.attention.kernels import attend_parts_cpu
+
+    torch.manual_seed(0)
+    B, H, R, S, D = 2, 3, 20, 30, 8
+    q1, q2 = (torch.randn(B, H, R, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    k, v = (torch.randn(B, H, S, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    first = torch.rand(R, S) > 0.5
+    first[:, 0] = True
+    first[3, 5:] = True  # row 3: nothing in the second part
+    second = ~first[:, 5:]  # the second part reads keys 5.. only
+    y = attend_parts_cpu([(q1, k, v, lambda: first), (q2, k[:, :, 5:], v[:, :, 5:], lambda: second)], 0.3)
+    s1, s2 = (q @ k.transpose(-1, -2) * 0.3 for q in (q1, q2))
+    in_second = torch.zeros(R, S, dtype=torch.bool)
+    in_second[:, 5:] = second
+    reference = torch.where(first, s1, torch.where(in_second, s2, float("-inf"))).softmax(-1) @ v
+    torch.testing.assert_close(y, reference, atol=1e-10, rtol=0)
+    w = torch.randn_like(y)
+    got = torch.autograd.grad((y * w).sum(), (q1, q2, k, v))
+    want = torch.autograd.grad((reference * w).sum(), (q1, q2, k, v))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)

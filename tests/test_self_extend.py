@@ -11,8 +11,8 @@ from litattn.attention.self_extend import SelfExtendAttention, self_extend_atten
 from reference import naive_rope
 
 
-def naive_self_extend(q, k, v, G, W, rope_base=10000.0, n_elem=None):
-    """q (B, H, T, D), k, v (B, Hkv, T, D) before RoPE; explicit merged scores."""
+def naive_self_extend(q, k, v, G, W, rope_base=10000.0, n_elem=None, probs=False):
+    """q (B, H, T, D), k, v (B, Hkv, T, D) before RoPE; explicit merged scores. probs: the softmax instead."""
     B, H, T, D = q.shape
     k, v = (x.repeat_interleave(H // k.shape[1], dim=1).double() for x in (k, v))
     q = q.double()
@@ -25,12 +25,14 @@ def naive_self_extend(q, k, v, G, W, rope_base=10000.0, n_elem=None):
     s_g = g_q @ g_k.transpose(-1, -2)
     scores = torch.where(i - j < W, s_n, s_g) / D**0.5
     scores = scores.masked_fill(j > i, float("-inf"))
-    return scores.softmax(-1) @ v
+    return scores.softmax(-1) @ v if not probs else scores.softmax(-1)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu", "tiles"])
 @pytest.mark.parametrize("G, W", [(2, 4), (3, 8), (4, 6), (8, 16)])
 @pytest.mark.parametrize("T, B, H, Hkv", [(40, 1, 4, 4), (70, 2, 4, 2), (33, 3, 2, 1)])
-def test_equals_the_naive_merged_softmax(G, W, T, B, H, Hkv, monkeypatch):
+def test_equals_the_naive_merged_softmax(G, W, T, B, H, Hkv, fused, monkeypatch):
+    monkeypatch.setattr(se, "FUSED_CPU", fused)  # the CPU kernel path and the portable tiles of other devices
     monkeypatch.setattr(se, "QUERY_BLOCK", 16)  # several query blocks
     monkeypatch.setattr(se, "KEY_TILE", 8 if T > 40 else 1024)  # and several key tiles, or one
     torch.manual_seed(G * 100 + T)
@@ -48,7 +50,9 @@ def test_a_sequence_within_the_window_is_causal_attention():
     torch.testing.assert_close(self_extend_attention(q, k, v, 4, 20), causal, atol=1e-5, rtol=0)
 
 
-def test_gradients_match_the_naive_implementation(monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu", "tiles"])
+def test_gradients_match_the_naive_implementation(fused, monkeypatch):
+    monkeypatch.setattr(se, "FUSED_CPU", fused)
     monkeypatch.setattr(se, "QUERY_BLOCK", 8)
     monkeypatch.setattr(se, "KEY_TILE", 5)
     torch.manual_seed(1)
@@ -139,3 +143,33 @@ def test_a_checkpoint_runs_with_self_extend_from_the_command_line_beyond_its_con
     ids = generate(extended, torch.tensor(tokenizer.encode("def add(a, b):")), 50, temperature=0)
     assert out.out.rstrip("\n") == tokenizer.decode(ids.tolist())
     assert ckpt.load_config(tmp_path / "ckpt").attention["name"] == "causal"  # the checkpoint is untouched
+
+
+def test_attention_maps_are_the_merged_softmax_and_the_observed_forward_is_the_forward(monkeypatch):
+    """visualize and truncation read Self-Extend's probabilities through the observer, block by block."""
+    monkeypatch.setattr(se, "QUERY_BLOCK", 16)
+    torch.manual_seed(0)
+    spec = {"name": "self_extend", "group_size": 3, "window": 10}
+    config = Config.from_name("tiny-llama", block_size=32, attention=spec)
+    model = GPT(config).eval()
+    idx = torch.randint(0, config.vocab_size, (2, 50))
+    inputs = []
+    original = se.SelfExtend.attend
+
+    def recording(self, q, k, v, ctx):
+        inputs.append((q, k, v))  # before RoPE: Self-Extend rotates inside attend
+        return original(self, q, k, v, ctx)
+
+    monkeypatch.setattr(se.SelfExtend, "attend", recording)
+    maps = model.attention_maps(idx)
+    assert len(maps) == config.n_layer and maps[0].shape == (2, config.n_head, 50, 50)
+    for m, (q, k, v) in zip(maps, inputs, strict=True):
+        expected = naive_self_extend(q, k, v, 3, 10, config.rope_base, config.rope_n_elem, probs=True)
+        torch.testing.assert_close(m.double(), expected, atol=1e-5, rtol=0)
+
+    calls = []
+    observer = type("Counting", (), {"observe": lambda self, layer, start, probs: calls.append((layer, start))})()
+    with torch.no_grad():
+        observed = model.lm_head(model.observe(idx, observer))
+        torch.testing.assert_close(observed, model(idx), atol=1e-5, rtol=0)
+    assert calls == [(layer, start) for layer in range(config.n_layer) for start in (0, 16, 32, 48)]

@@ -223,6 +223,69 @@ def merge_attention(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple
     return y.to(ys[0].dtype), lse
 
 
+def attend_parts_cpu(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[], torch.Tensor] | None]],
+    scale: float,
+) -> torch.Tensor:
+    """Exact softmax attention of one set of query rows over several key parts, each part with its own query
+    tensor (e.g. queries rotated under different position maps), on PyTorch's fused CPU flash kernel.
+
+    parts: (q (B, H, R, D), k and v (B, H, S_i, D), allowed) with allowed None (every key) or a function
+    returning a (R, S_i) boolean mask (called in forward and again in backward, so masks are never stored).
+    A pair (row, key) must be allowed in at most one part; every row in at least one. Returns (B, H, R, D).
+
+    Each part runs the fused kernel with its log-sum-exp, the parts are merged by their lse, and backward
+    runs the fused backward of each part against the merged output and lse, which is the exact gradient of
+    the merged softmax (the ring-attention identity); memory is the inputs and outputs only.
+    """
+    qkv = [t for q, k, v, _ in parts for t in (q, k, v)]
+    return _FusedParts.apply(scale, [allowed for *_, allowed in parts], *qkv)
+
+
+class _FusedParts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scale, masks, *qkv):
+        outs, lses = [], []
+        for i, mask_fn in enumerate(masks):
+            q, k, v = qkv[3 * i : 3 * i + 3]
+            allowed = None if mask_fn is None else mask_fn()
+            y, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, False, attn_mask=_additive(allowed, q.dtype), scale=scale
+            )
+            if allowed is not None:  # the kernel gives rows with no allowed key lse 0 and y 0: make them weigh 0
+                lse = lse.masked_fill(~allowed.any(-1), float("-inf"))
+            outs.append(y)
+            lses.append(lse)
+        work = torch.promote_types(qkv[2].dtype, torch.float32)
+        stacked = torch.stack(lses).to(work)  # (P, B, H, R)
+        lse = torch.logsumexp(stacked, 0)
+        out = sum(torch.exp(stacked[i] - lse).unsqueeze(-1) * outs[i].to(work) for i in range(len(outs)))
+        out = out.to(qkv[2].dtype).contiguous()
+        ctx.scale, ctx.masks = scale, masks
+        ctx.save_for_backward(*qkv, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        *qkv, out, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grads = []
+        for i, mask_fn in enumerate(ctx.masks):
+            q, k, v = qkv[3 * i : 3 * i + 3]
+            mask = None if mask_fn is None else _additive(mask_fn(), q.dtype)
+            grads += torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=ctx.scale
+            )
+        return (None, None, *grads)
+
+
+def _additive(allowed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask as the additive float mask the fused CPU kernel takes (0 allowed, -inf not)."""
+    if allowed is None:
+        return None
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 def _flex(q, k, v, mask_mod, scale, return_lse=False):
     from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
 

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from litattn.attention.base import AttentionContext, AttentionMechanism, AttentionOptions, rotate_half_rope
+from litattn.attention.kernels import attend_parts_cpu
 from litattn.attention.registry import register_attention
 
 if TYPE_CHECKING:
@@ -47,6 +48,9 @@ QUERY_BLOCK = 256
 """Queries per block."""
 KEY_TILE = 512
 """Keys per tile: one tile's scores are (B, H, QUERY_BLOCK, KEY_TILE) float32 (2 MiB for 4 heads)."""
+FUSED_CPU = True
+"""On CPU, run each query block on PyTorch's fused flash kernel (`attend_parts_cpu`) rather than the
+portable online-softmax tiles (the path of other devices)."""
 
 
 @dataclass
@@ -107,12 +111,21 @@ class SelfExtend(AttentionMechanism):
         return q, k
 
     def attend(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
-        if ctx.observer is not None:
-            raise RuntimeError("self_extend does not report attention maps yet (no observer support)")
         opts = self.options
-        return grouped_neighbour_attention(
-            q, k, v, ctx.positions, self.key_positions(ctx), ctx.rope, opts.group_size, opts.window, opts.scale_base
+        args = (
+            q,
+            k,
+            v,
+            ctx.positions,
+            self.key_positions(ctx),
+            ctx.rope,
+            opts.group_size,
+            opts.window,
+            opts.scale_base,
         )
+        if ctx.observer is not None:
+            return observed_attention(*args, observe=lambda start, p: ctx.observer.observe(ctx.application, start, p))
+        return grouped_neighbour_attention(*args)
 
 
 def grouped_neighbour_attention(
@@ -140,26 +153,92 @@ def grouped_neighbour_attention(
     rep = H // Hkv
     block = block or QUERY_BLOCK
     scale = D**-0.5 if scale is None else scale
+    fused = q.device.type == "cpu" and FUSED_CPU
+    if fused:  # keys rotated once under each map; every block reads slices of them
+        k_near = rotate_half_rope(k, *rope(k_pos))
+        k_grouped = rotate_half_rope(k, *rope(torch.div(k_pos, group_size, rounding_mode="floor")))
     outs = []
     for start in range(0, T, block):
         end = min(T, start + block)
         pos = q_pos[start:end]
-        q_block = q[:, :, start:end]
-        qn = rotate_half_rope(q_block, *rope(pos))
-        qg = rotate_half_rope(
-            q_block, *rope(torch.div(pos, group_size, rounding_mode="floor") + window - window // group_size)
-        )
-        if scale_base is not None:
-            qg = qg * (torch.log1p(pos.float()) / math.log(scale_base)).clamp(min=1.0).to(qg.dtype)[:, None]
+        qn, qg = _rotate_queries(q[:, :, start:end], pos, rope, group_size, window, scale_base)
         # GQA without copying keys: the `rep` query heads of a KV head become rows, (B, Hkv, rep * Tq, D)
         qn, qg = (x.reshape(B, Hkv, rep * (end - start), D) for x in (qn, qg))
-        args = (qn, qg, k, v, pos.repeat(rep), k_pos, rope, group_size, window, scale)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            y = checkpoint(_block, *args, use_reentrant=False)
+        if fused:
+            y = _fused_block(qn, qg, k_near, k_grouped, v, pos.repeat(rep), k_pos, window, scale)
         else:
-            y = _block(*args)
+            args = (qn, qg, k, v, pos.repeat(rep), k_pos, rope, group_size, window, scale)
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+                y = checkpoint(_block, *args, use_reentrant=False)
+            else:
+                y = _block(*args)
         outs.append(y.view(B, H, end - start, D))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _rotate_queries(q, pos, rope, group_size: int, window: int, scale_base: float | None):
+    """q (B, H, Tq, D) rotated under the neighbour map (pos) and the grouped map, with the optional log-scaling."""
+    qn = rotate_half_rope(q, *rope(pos))
+    qg = rotate_half_rope(q, *rope(torch.div(pos, group_size, rounding_mode="floor") + window - window // group_size))
+    if scale_base is not None:
+        qg = qg * (torch.log1p(pos.float()) / math.log(scale_base)).clamp(min=1.0).to(qg.dtype)[:, None]
+    return qn, qg
+
+
+def observed_attention(
+    q, k, v, q_pos, k_pos, rope, group_size: int, window: int, scale_base: float | None = None, *, observe
+) -> torch.Tensor:
+    """Self-Extend computed explicitly one query block at a time, handing each block's merged softmax
+    probabilities (B, H, block, S) float32 to `observe(q_start, probs)` (visualize, truncation scores).
+    Same arguments and result as `grouped_neighbour_attention`; memory O(block x S)."""
+    B, H, T, D = q.shape
+    rep = H // k.shape[1]
+    k_near = rotate_half_rope(k, *rope(k_pos)).float().repeat_interleave(rep, dim=1)
+    k_grouped = rotate_half_rope(k, *rope(torch.div(k_pos, group_size, rounding_mode="floor")))
+    k_grouped = k_grouped.float().repeat_interleave(rep, dim=1)
+    vf = v.float().repeat_interleave(rep, dim=1)
+    outs = []
+    for start in range(0, T, QUERY_BLOCK):
+        pos = q_pos[start : start + QUERY_BLOCK]
+        qn, qg = _rotate_queries(q[:, :, start : start + QUERY_BLOCK], pos, rope, group_size, window, scale_base)
+        dist = pos[:, None] - k_pos[None, :]  # (block, S)
+        scores = torch.where(
+            dist < window, qn.float() @ k_near.transpose(-1, -2), qg.float() @ k_grouped.transpose(-1, -2)
+        )
+        probs = (scores * D**-0.5).masked_fill(dist < 0, float("-inf")).softmax(-1)
+        observe(start, probs.detach())
+        outs.append((probs @ vf).to(v.dtype))
+    return torch.cat(outs, dim=2)
+
+
+def _fused_block(qn, qg, k_near, k_grouped, v, q_pos, k_pos, window: int, scale: float) -> torch.Tensor:
+    """One query block on the fused CPU kernel, in up to three parts merged exactly (`attend_parts_cpu`):
+    grouped keys every query of the block sees (no mask), grouped keys at the block's edge (masked) and the
+    neighbour band (masked). Keys were rotated once; masks are (rows x at most block + W keys)."""
+    first, last = int(q_pos.min()), int(q_pos.max())
+
+    def index(position: int, right: bool = False) -> int:
+        return int(torch.searchsorted(k_pos, torch.tensor(position, device=k_pos.device), right=right))
+
+    grouped_all = index(first - window, right=True)  # keys at least W behind every query of the block
+    grouped_hi = index(last - window, right=True)
+    band_lo, band_hi = index(first - window + 1), index(last, right=True)
+
+    def mask(lo: int, hi: int, grouped: bool):
+        def allowed() -> torch.Tensor:
+            dist = q_pos[:, None] - k_pos[None, lo:hi]  # (rows, keys)
+            return dist >= window if grouped else (dist >= 0) & (dist < window)
+
+        return allowed
+
+    parts = []
+    if grouped_all > 0:
+        parts.append((qg, k_grouped[:, :, :grouped_all], v[:, :, :grouped_all], None))
+    if grouped_hi > grouped_all:
+        lo, hi = grouped_all, grouped_hi
+        parts.append((qg, k_grouped[:, :, lo:hi], v[:, :, lo:hi], mask(lo, hi, True)))
+    parts.append((qn, k_near[:, :, band_lo:band_hi], v[:, :, band_lo:band_hi], mask(band_lo, band_hi, False)))
+    return attend_parts_cpu(parts, scale)
 
 
 def _block(qn, qg, k, v, q_pos, k_pos, rope, group_size: int, window: int, scale: float) -> torch.Tensor:
