@@ -9,7 +9,8 @@
     batching   global batch = micro batch x gradient accumulation x devices; steps per epoch; the step limit
     model      the plan builds it (and says what trains); optimizer; Fabric wraps both; resume loads them
     hooks      the model's and the data module's TrainingHooks (litattn/hooks.py)
-    loop       per epoch: hooks.on_epoch_start; per step: the epoch's windows, forward/backward per
+    loop       per epoch: hooks.on_epoch_start; per step: dataset.set_epoch(epoch) where the training dataset
+               has one (items that depend on the epoch); the epoch's windows, forward/backward per
                micro-batch, optimizer step, hooks.on_step_end, log, validate, save; stop on a signal
     end        final validation, `final/`, summary.json, a sample
 
@@ -255,6 +256,8 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
                     call_hooks("on_epoch_start")
                 lr = lr_at(state["step"], run.optimizer, train.lr_warmup_steps, b.total_steps)
                 set_lr(optimizer, lr)
+                if hasattr(train_data, "set_epoch"):  # datasets whose items depend on the epoch (token injection)
+                    train_data.set_epoch(state["epoch"])
                 loss_sum, counts = _forward_backward(fabric, model, train_data, _step_windows(state, b, seed), b, train)
                 if not torch.isfinite(loss_sum):
                     progress.close()
