@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -412,7 +413,7 @@ def _forward_backward(fabric, model, train_data, windows: torch.Tensor, b: _Batc
     for micro_step in range(b.accum):
         batch = collate(train_data, windows[micro_step * b.world + fabric.global_rank], trim=_may_trim(model))
         counts += torch.stack([torch.tensor(batch["input_ids"].numel()), (batch["labels"] != -100).sum()])
-        batch = {k: v.to(fabric.device) for k, v in batch.items()}
+        batch = {k: v.to(fabric.device) for k, v in attention_batch(model, batch).items()}
         with fabric.no_backward_sync(model, enabled=micro_step < b.accum - 1):
             # fabric.autocast: on one device Fabric does not route marked methods through forward
             with fabric.autocast():
@@ -508,7 +509,8 @@ def validation_loss(fabric, model, val_data, micro_batch_size: int, max_iters: i
     total = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # (sum of token losses, target tokens)
     mine = chosen[fabric.global_rank :: fabric.world_size]
     for chunk in mine.split(micro_batch_size):
-        batch = {k: v.to(fabric.device) for k, v in collate(val_data, chunk, trim=_may_trim(model)).items()}
+        batch = collate(val_data, chunk, trim=_may_trim(model))
+        batch = {k: v.to(fabric.device) for k, v in attention_batch(model, batch).items()}
         idx, labels = batch.pop("input_ids"), batch.pop("labels")
         logits = model(idx, **batch).float()
         loss_sum = torch.nn.functional.cross_entropy(
@@ -520,6 +522,18 @@ def validation_loss(fabric, model, val_data, micro_batch_size: int, max_iters: i
     if total[1] == 0:
         raise ValueError("The validation data has no target token (every label is -100); check the data module")
     return (total[0] / total[1]).item()
+
+
+def attention_batch(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """input_ids, labels and the metadata the model's attention reads. Other keys (e.g. the `segment_ids` of
+    injected Disrupt tokens, under causal attention for a baseline on the same data) are dropped, with a
+    warning once: the same data runs with every mechanism."""
+    reads = unwrap(model).mechanism.metadata_keys
+    dropped = sorted(set(batch) - {"input_ids", "labels", *reads})
+    if dropped:
+        name = unwrap(model).config.attention["name"]
+        warnings.warn(f"the batch's {dropped} are not read by attention {name!r}; ignored", stacklevel=2)
+    return {k: v for k, v in batch.items() if k not in dropped}
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -53,7 +53,7 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
         """GPT-NeoX / litgpt init: N(0, sqrt(2 / 5d)); residual projections N(0, 1 / sqrt(d) / n_layer)."""
-        std = math.sqrt(2.0 / 5 / self.config.n_embd)
+        std = self.init_std
         proj_std = 1 / math.sqrt(self.config.n_embd) / self.config.n_layer
         for name, module in self.named_modules():
             if isinstance(module, nn.Embedding):
@@ -69,6 +69,11 @@ class GPT(nn.Module):
             block.attn.mechanism.reset_parameters()
         if self.config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+
+    @property
+    def init_std(self) -> float:
+        """Standard deviation of the embedding (and non-residual linear) init: sqrt(2 / 5d)."""
+        return math.sqrt(2.0 / 5 / self.config.n_embd)
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -39,15 +39,18 @@ def sliding_window(q_pos: torch.Tensor, window: int) -> MaskMod:
     return mask_mod
 
 
-def materialize(mask_mod: MaskMod, batch: int, q_idx: torch.Tensor, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Dense boolean mask for the queries `q_idx` (a chunk) against all `kv_len` keys.
+def materialize(
+    mask_mod: MaskMod, batch: int, q_idx: torch.Tensor, kv_len: int, device: torch.device, kv_idx=None
+) -> torch.Tensor:
+    """Dense boolean mask for the queries `q_idx` (a chunk) against all `kv_len` keys, or against the key
+    slots `kv_idx` (any subset, in any order) when given.
 
-    Returns (B', 1, len(q_idx), kv_len) where B' is 1 if the mask does not depend on the batch
+    Returns (B', 1, len(q_idx), n_keys) where B' is 1 if the mask does not depend on the batch
     row. Heads are assumed to share the mask (h is passed as 0).
     """
     b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
     h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
     q = q_idx.to(device).view(1, 1, -1, 1)
-    kv = torch.arange(kv_len, device=device).view(1, 1, 1, kv_len)
-    mask = mask_mod(b, h, q, kv)
-    return mask.expand(mask.shape[0], 1, q.shape[2], kv_len)
+    kv = torch.arange(kv_len, device=device) if kv_idx is None else kv_idx.to(device)
+    mask = mask_mod(b, h, q, kv.view(1, 1, 1, -1))
+    return mask.expand(mask.shape[0], 1, q.shape[2], kv.shape[0])
