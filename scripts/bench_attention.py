@@ -2,15 +2,18 @@
 
     python scripts/bench_attention.py [--lengths 512,2048,8192] [--repeats 5] [--batch_size 1] [--dtype float32]
         [--mechanisms causal,ssa] [--variant 'ssa-position={"name": "ssa", "token_temperature": false}']
+        [--heads 8] [--segment_every 128]
 
 `--variant LABEL=SPEC` (repeatable) adds a row for an attention spec with options, as YAML/JSON.
 
 What runs, for each mechanism (`available_attention()`, without the tests' `test_*` ones) and length T:
 - attn fwd, attn fwd+bwd: the mechanism alone, `mechanism(q, k, v, ctx)` (RoPE, mask, kernel) on random
-  q, k, v of the quickstart preset's shape (4 heads of 64), batch `--batch_size`, no attention metadata;
-  fwd+bwd backpropagates the sum of the output into q, k, v.
+  q, k, v of the quickstart preset's shape (4 heads of 64; `--heads` sets another count of 64-dim heads),
+  batch `--batch_size`; fwd+bwd backpropagates the sum of the output into q, k, v. Attention metadata: with
+  `--segment_every N`, mechanisms that read `segment_ids` get a new segment every N tokens; others none.
 - step: one training step (forward, loss, backward, AdamW step) of the quickstart preset with 2 layers and
-  block_size T, on random token ids.
+  block_size T, on random token ids (with `--segment_every N`, every mechanism's ids hold the Disrupt token
+  every N tokens, which mechanisms that read segments derive them from).
 
 Times: median of `--repeats` runs after warmup runs. All mechanisms of one length are built in this process
 and their runs are interleaved (causal, a, b, causal, a, b, ...), so a slower or busier machine moves every
@@ -49,14 +52,18 @@ HEADERS = {"fwd": "attn fwd", "fwd_bwd": "attn fwd+bwd", "step": "train step"}
 
 
 # ---------------------------------------------------------------------------------- what is run
-def build(spec: dict, T: int, batch_size: int, dtype: torch.dtype, device: torch.device) -> dict[str, Callable | str]:
+def build(
+    spec: dict, T: int, batch_size: int, dtype: torch.dtype, device: torch.device, heads=None, segment_every=None
+) -> dict[str, Callable | str]:
     """The three runs of one attention spec at length T: kind -> a no-argument callable, or why it is skipped."""
     from litattn.attention import AttentionContext
     from litattn.attention.registry import split_spec
     from litattn.config import Config
     from litattn.model import GPT, RoPE
+    from litattn.tokenizer import SPECIAL_TOKENS
 
-    config = Config.from_name("quickstart", n_layer=2, block_size=T, attention=spec)
+    shape = {"n_head": heads, "n_query_groups": heads, "n_embd": heads * 64} if heads else {}
+    config = Config.from_name("quickstart", n_layer=2, block_size=T, attention=spec, **shape)
     cls, options = split_spec(config.attention)
     mech = cls(config, 0, options)
     mech.reset_parameters()
@@ -70,9 +77,12 @@ def build(spec: dict, T: int, batch_size: int, dtype: torch.dtype, device: torch
         return torch.randn(batch_size, heads, T, hs, device=device, dtype=dtype, requires_grad=True)
 
     q, k, v = leaf(nh), leaf(ng), leaf(ng)
+    metadata = {}
+    if segment_every and "segment_ids" in cls.metadata_keys:
+        metadata["segment_ids"] = (positions // segment_every).expand(batch_size, -1)
 
-    def attend() -> torch.Tensor:
-        ctx = AttentionContext(positions=positions, cos=cos, sin=sin, rope=rope, kv_len=T)  # fresh per call, as in GPT
+    def attend() -> torch.Tensor:  # a fresh context per call, as in GPT
+        ctx = AttentionContext(positions=positions, cos=cos, sin=sin, rope=rope, kv_len=T, metadata=dict(metadata))
         return mech(q, k, v, ctx)
 
     def fwd() -> None:
@@ -88,7 +98,9 @@ def build(spec: dict, T: int, batch_size: int, dtype: torch.dtype, device: torch
         return {**runs, "fwd_bwd": "inference-only", "step": "inference-only"}
     model = GPT(config).to(device=device, dtype=dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    idx = torch.randint(0, config.vocab_size, (batch_size, T + 1), device=device)
+    idx = torch.randint(len(SPECIAL_TOKENS), config.vocab_size, (batch_size, T + 1), device=device)
+    if segment_every:
+        idx[:, segment_every::segment_every] = SPECIAL_TOKENS.index("<|disrupt|>")
 
     def step() -> None:
         model.loss(idx[:, :-1], idx[:, 1:]).backward()
@@ -143,7 +155,8 @@ def time_length(specs: dict[str, dict], T: int, args, device: torch.device) -> t
     runs, notes = {}, {}
     for name, spec in specs.items():
         built: dict = {}
-        error = _try(lambda spec=spec, built=built: built.update(build(spec, T, args.batch_size, args.dtype, device)))
+        error = _try(lambda spec=spec, built=built: built.update(build(spec, T, args.batch_size, args.dtype, device,
+                                                                        args.heads, args.segment_every)))  # fmt: skip
         for kind in KINDS:
             run = built.get(kind, error)
             if not callable(run):
@@ -171,17 +184,17 @@ def memory_length(specs: dict[str, dict], T: int, args, device: torch.device) ->
     peaks = {}
     for name, spec in specs.items():
         if device.type == "cuda":
-            result = measure_memory(spec, T, args.batch_size, args.dtype, device)
+            result = measure_memory(spec, T, args.batch_size, args.dtype, device, args.heads, args.segment_every)
         else:
             result = _memory_subprocess(name, spec, T, args)
         peaks.update({(name, kind): b for kind, b in result.items() if b is not None})
     return peaks
 
 
-def measure_memory(spec: dict, T: int, batch_size: int, dtype: torch.dtype, device: torch.device) -> dict:
+def measure_memory(spec: dict, T: int, batch_size: int, dtype, device, heads=None, segment_every=None) -> dict:
     """kind -> bytes one run needs above what existed before it (None if it cannot run)."""
     built: dict = {}
-    if _try(lambda: built.update(build(spec, T, batch_size, dtype, device))) is not None:
+    if _try(lambda: built.update(build(spec, T, batch_size, dtype, device, heads, segment_every))) is not None:
         return dict.fromkeys(KINDS)
     out = {}
     for kind in KINDS:
@@ -217,6 +230,8 @@ def _memory_subprocess(name: str, spec: dict, T: int, args) -> dict:
     cmd += ["--batch_size", str(args.batch_size)]
     cmd += ["--dtype", str(args.dtype).removeprefix("torch.")]
     cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--heads", str(args.heads)] if args.heads else []
+    cmd += ["--segment_every", str(args.segment_every)] if args.segment_every else []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # fixed: large tensors are unmapped when freed
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = proc.stdout.strip().splitlines()
@@ -261,6 +276,8 @@ def main() -> None:
         "--variant", action="append", default=[], help="LABEL=SPEC: one more row, e.g. 'ssa-pos={name: ssa, ...}'"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--heads", type=int, default=None, help="64-dim heads (default: the quickstart preset's 4)")
+    parser.add_argument("--segment_every", type=int, default=None, help="a Disrupt segment every N tokens")
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)  # internal: one memory measurement
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
@@ -270,13 +287,16 @@ def main() -> None:
     lengths = [int(n) for n in args.lengths.split(",")]
 
     if args._memory:
-        print(json.dumps(measure_memory(json.loads(args._memory), lengths[0], args.batch_size, args.dtype, device)))
+        spec = json.loads(args._memory)
+        print(json.dumps(measure_memory(spec, lengths[0], args.batch_size, args.dtype, device, args.heads,
+                                        args.segment_every)))  # fmt: skip
         return
 
     specs = mechanisms(args.mechanisms, args.variant)
     names = list(specs)
     print(
-        f"{device.type}, {args.dtype}, batch {args.batch_size}, torch {torch.__version__}, "
+        f"{device.type}, {args.dtype}, batch {args.batch_size}, {args.heads or 4} heads of 64, "
+        f"segments every {args.segment_every or '-'} tokens, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; median of {args.repeats} after warmup; ratios to causal"
     )
     all_notes: dict = {}
