@@ -56,7 +56,7 @@ def _human(n: int) -> str:
 def commands() -> dict[str, Callable | dict[str, Callable]]:
     from litattn.ablate import ablate
     from litattn.convert import from_hf_main, to_hf_main
-    from litattn.evaluate import perplexity
+    from litattn.evaluate import perplexity, streaming_perplexity
     from litattn.finetune.finetune import setup as finetune
     from litattn.generate import main as generate
     from litattn.passkey import passkey
@@ -69,7 +69,7 @@ def commands() -> dict[str, Callable | dict[str, Callable]]:
         "generate": generate,
         "ablate": ablate,
         "convert": {"from_hf": from_hf_main, "to_hf": to_hf_main},
-        "evaluate": {"perplexity": perplexity, "passkey": passkey},
+        "evaluate": {"perplexity": perplexity, "passkey": passkey, "streaming": streaming_perplexity},
         "visualize": {"attention": visualize_attention},
         "attention": {"list": attention_list},
         "model": {"list": model_list},

@@ -1,4 +1,5 @@
-"""`litattn evaluate perplexity`: loss and perplexity of a checkpoint on held-out text, at one or more lengths.
+"""`litattn evaluate perplexity`: loss and perplexity of a checkpoint on held-out text, at one or more lengths
+(and `litattn evaluate streaming`, `streaming_perplexity` below: one long text with a bounded KV cache).
 
     litattn evaluate perplexity --checkpoint_dir out/pretrain/final [--lengths [256,512]]
 
@@ -171,7 +172,296 @@ class _Ticking(torch.utils.data.Dataset):
         return self.dataset[i]
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str, unit: str = "window"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="window", delay=2.0, leave=False)  # shown only if it takes a while
+    return tqdm(total=total, desc=desc, unit=unit, delay=2.0, leave=False)  # shown only if it takes a while
+
+
+# ---------------------------------------------------------------------------------- streaming
+STREAMING_METHODS = ("window", "sink_window", "recompute")
+"""window: sink + window cache with no sinks; sink_window: with `sink_size` sinks; recompute: a fresh forward over
+the last `stream_window` tokens for each prediction (exact for that context, and slow)."""
+
+
+def streaming_perplexity(
+    checkpoint_dir: Path,
+    data: DataModule | None = None,
+    length: int | None = None,
+    stream_window: int | None = None,
+    sink_size: int = 4,
+    stream_chunk: int = 1,
+    stride: int = 1,
+    methods: list[str] | None = None,
+    attention: dict | None = None,
+    out_file: Path | None = None,
+    cache_dir: Path = Path("cache"),
+    precision: str = "32-true",
+    context: int | None = None,
+) -> dict[str, Any]:
+    """Perplexity of one long text with a bounded context (StreamingLLM): window, sinks + window, recomputation.
+
+        litattn evaluate streaming --checkpoint_dir out/pretrain/final [--length 4096] [--stream_window 60]
+
+    A table with a row per method: loss, perplexity, seconds and peak memory. The text is the first `length` + 1
+    tokens of the data module's validation split; every method predicts each of its `length` tokens from what came
+    before, through its own view of the past:
+
+        window       the latest `stream_window` tokens in a streaming cache (sink_size 0), positions re-assigned
+        sink_window  the first `sink_size` tokens (attention sinks) + the latest `stream_window` (litattn.streaming)
+        recompute    a fresh forward over the latest `stream_window` tokens, at positions 0.. (exact, slow)
+
+    Args:
+        checkpoint_dir: A checkpoint directory (model.safetensors, model_config.yaml, tokenizer); a RoPE model.
+        data: Data module whose validation split is read; default: the Python standard library (StdlibCorpus).
+        length: Tokens to predict; default: 16 x block_size, or what the validation split holds (with a note).
+        stream_window: W, the recent tokens each method keeps; default: block_size - sink_size (the sink row then
+            has a cache of block_size slots).
+        sink_size: S, the attention-sink tokens of the sink_window row.
+        stream_chunk: Tokens per forward of the streaming rows once the cache is full (1: token by token, exact
+            StreamingLLM; c: each chunk evicts c tokens, its i-th token sees W - c + i + 1 recent ones).
+        stride: Predictions per forward of the recompute row (1: a forward per token, exact; s: each forward over
+            the latest W tokens scores its last s predictions, which then see W - s + 1 to W tokens).
+        methods: Rows to run, of window, sink_window, recompute; default: all three.
+        attention: Evaluate with another attention spec than the checkpoint's, e.g. `{name: ssa}`.
+        out_file: Where to write the results as JSON; default: `<checkpoint_dir>/eval/streaming.json`.
+        cache_dir: Where tokenized data is cached.
+        precision: Fabric precision: 32-true, bf16-mixed, bf16-true, ...
+        context: Accept sink_size + stream_window up to this many tokens, beyond what the attention handles at
+            block_size (RoPE positions extrapolate).
+
+    Returns:
+        The results written to out_file: the checkpoint, attention spec, data, settings and one row per method
+        with `sink_size`, `window`, `tokens`, `loss`, `perplexity`, `seconds`, `peak_memory_bytes` (CUDA:
+        torch.cuda.max_memory_allocated above what was allocated before the row; CPU: growth of the process's
+        peak resident set over the row, Linux VmHWM; None where it cannot be measured) and, for the streaming
+        rows, `cache_bytes` (the KV cache: constant in the length).
+    """
+    import sys
+    import time
+
+    import numpy as np
+    from lightning_fabric import Fabric
+
+    from litattn.args import check_range
+    from litattn.checkpoint import load_with_tokenizer
+    from litattn.streaming import check_streamable
+
+    checkpoint_dir = Path(checkpoint_dir)
+    check_range("length", length, ge=1, null="16 x block_size")
+    check_range("stream_window", stream_window, ge=1, null="block_size - sink_size")
+    check_range("sink_size", sink_size, ge=0)
+    check_range("context", context, ge=1, null="what the attention handles")
+    if stream_window is not None:
+        check_range("stream_chunk", stream_chunk, ge=1, le=stream_window, bound_name="stream_window")
+        check_range("stride", stride, ge=1, le=stream_window, bound_name="stream_window")
+    else:
+        check_range("stream_chunk", stream_chunk, ge=1)
+        check_range("stride", stride, ge=1)
+    methods = list(STREAMING_METHODS) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in STREAMING_METHODS]
+    if not methods or unknown or len(set(methods)) < len(methods):
+        raise ValueError(f"methods must be distinct names of {list(STREAMING_METHODS)}, got {methods}")
+
+    fabric = Fabric(accelerator="auto", devices=1, precision=precision)
+    fabric.launch()
+    model, tokenizer, config = load_with_tokenizer(
+        checkpoint_dir, fabric.device, _weights_dtype(precision), attention, context
+    )
+    model.eval()
+    if stream_window is None:
+        stream_window = config.block_size - sink_size
+        check_range(f"stream_window (default: block_size {config.block_size} - sink_size)", stream_window, ge=1)
+        check_range("stream_chunk", stream_chunk, ge=1, le=stream_window, bound_name="stream_window")
+        check_range("stride", stride, ge=1, le=stream_window, bound_name="stream_window")
+    check_streamable(model, sink_size + stream_window)
+
+    data = StdlibCorpus() if data is None else data
+    data.setup(tokenizer, config.vocab_size, 1, Path(cache_dir))
+    val = data.val_dataset()
+    try:
+        tokens = np.memmap(val.path, dtype=val.dtype, mode="r")
+    except AttributeError:
+        raise ValueError(f"{type(val).__name__} is not a token file that a long text can be read from") from None
+    available = len(tokens) - 1
+    if length is None:
+        length = 16 * config.block_size
+        if length > available:
+            print(
+                f"litattn: note: length lowered from {length} (16 x block_size) to {available}, the tokens the "
+                "validation split holds",
+                file=sys.stderr,
+            )
+            length = available
+    if length > available or length < 1:
+        raise ValueError(
+            f"length {length} needs {length + 1} tokens but the validation split holds {len(tokens)}; lower --length"
+        )
+    text = torch.from_numpy(tokens[: length + 1].astype(np.int64)).to(fabric.device)[None]  # (1, length + 1)
+
+    settings = {
+        "window": (0, stream_window),
+        "sink_window": (sink_size, stream_window),
+        "recompute": (0, stream_window),
+    }
+    with torch.no_grad(), fabric.autocast():  # warm up, so that the first row's peak memory holds no one-off setup
+        model(text[:, : min(8, length)])
+    rows = []
+    for method in methods:
+        sinks, window = settings[method]
+        row: dict[str, Any] = {"method": method, "sink_size": sinks, "window": window}
+        with _progress(length, method, unit="token") as bar, _PeakMemory(fabric.device) as memory, fabric.autocast():
+            start = time.perf_counter()
+            if method == "recompute":
+                loss_sum = _recompute_loss_sum(model, text, window, stride, bar.update)
+            else:
+                loss_sum, cache_bytes = _streaming_loss_sum(model, text, sinks, window, stream_chunk, bar.update)
+                row["cache_bytes"] = cache_bytes
+            seconds = time.perf_counter() - start
+        loss = loss_sum / length
+        row.update(
+            tokens=length,
+            loss=loss,
+            perplexity=_exp(loss),
+            seconds=seconds,
+            peak_memory_bytes=memory.peak,
+        )
+        rows.append(row)
+
+    result = {
+        "checkpoint_dir": str(checkpoint_dir),
+        "attention": config.attention,
+        "data": data.describe(),
+        "precision": precision,
+        "length": length,
+        "block_size": config.block_size,
+        "stream_window": stream_window,
+        "sink_size": sink_size,
+        "stream_chunk": stream_chunk,
+        "stride": stride,
+        "memory": _PeakMemory.describe(fabric.device),
+        "results": rows,
+    }
+    print(format_streaming_table(rows))
+    out_file = checkpoint_dir / "eval" / "streaming.json" if out_file is None else Path(out_file)
+    atomic_write_text(out_file, json.dumps(result, indent=2) + "\n")
+    print(f"Saved {out_file}")
+    return result
+
+
+@torch.no_grad()
+def _streaming_loss_sum(model, text: torch.Tensor, sink_size: int, window: int, chunk: int, advance) -> tuple:
+    """(sum of the next-token losses over text (1, N + 1) fed through a sink + window cache, the cache's bytes)."""
+    import torch.nn.functional as F
+
+    from litattn.streaming import SinkWindowCache
+
+    total = torch.zeros((), dtype=torch.float64, device=text.device)
+    done = 0
+    with SinkWindowCache(model, sink_size, window) as cache:
+        for logits in cache.feed(text[:, :-1], chunk):  # (1, n, vocab) per piece
+            n = logits.shape[1]
+            targets = text[0, done + 1 : done + n + 1]
+            total += F.cross_entropy(logits[0].float(), targets, reduction="sum").double()
+            done += n
+            advance(n)
+        cache_bytes = cache.cache_bytes()
+    return total.item(), cache_bytes
+
+
+@torch.no_grad()
+def _recompute_loss_sum(model, text: torch.Tensor, window: int, stride: int, advance) -> float:
+    """Sum of the next-token losses over text (1, N + 1), each forward a fresh one over the latest `window`
+    tokens (positions 0..) scoring its last `stride` predictions."""
+    import torch.nn.functional as F
+
+    N = text.shape[1] - 1
+    total = torch.zeros((), dtype=torch.float64, device=text.device)
+    done = 0
+    while done < N:
+        end = min(done + stride, N)
+        lo = max(0, end - window)
+        hidden = model.hidden_states(text[:, lo:end])[:, done - lo :]  # the predictions done..end-1
+        logits = model.lm_head(hidden)[0].float()
+        total += F.cross_entropy(logits, text[0, done + 1 : end + 1], reduction="sum").double()
+        advance(end - done)
+        done = end
+    return total.item()
+
+
+def format_streaming_table(rows: list[dict[str, Any]]) -> str:
+    """The streaming results as an aligned text table, one line per method."""
+    lines = [
+        f"{'method':<12} {'sinks':>5} {'window':>7} {'tokens':>9} {'loss':>8} {'perplexity':>11} {'seconds':>8} "
+        f"{'peak MiB':>9}"
+    ]
+    for r in rows:
+        peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.1f}"
+        lines.append(
+            f"{r['method']:<12} {r['sink_size']:>5} {r['window']:>7} {r['tokens']:>9,} {r['loss']:>8.4f} "
+            f"{r['perplexity']:>11.3f} {r['seconds']:>8.2f} {peak:>9}"
+        )
+    return "\n".join(lines)
+
+
+class _PeakMemory:
+    """Peak memory of the work inside `with`: on CUDA, torch.cuda.max_memory_allocated above what was allocated at
+    the start (tensors); on Linux CPUs, the growth of the process's peak resident set (VmHWM, reset through
+    /proc/self/clear_refs after a malloc_trim), which counts every page touched. `peak` is None where neither
+    can be measured."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.peak: int | None = None
+        self._before: int | None = None
+
+    @staticmethod
+    def describe(device) -> str:
+        if torch.device(device).type == "cuda":
+            return "torch.cuda.max_memory_allocated above the memory allocated before the row"
+        return "growth of the process's peak resident set (VmHWM) over the row"
+
+    def __enter__(self) -> _PeakMemory:
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+            return self
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the OS, so the row starts low
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak resident set to the current one
+            self._before = _proc_status_bytes("VmRSS")
+        except (OSError, ValueError):
+            self._before = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._before is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._before
+        else:
+            try:
+                self.peak = max(_proc_status_bytes("VmHWM") - self._before, 0)
+            except (OSError, ValueError):
+                self.peak = None
+
+
+def _proc_status_bytes(key: str) -> int:
+    import re
+
+    with open("/proc/self/status") as f:
+        match = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
+    if match is None:
+        raise ValueError(f"/proc/self/status has no {key}")
+    return int(match.group(1)) * 1024

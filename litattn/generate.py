@@ -4,6 +4,11 @@ Two phases:
 
     prefill: one forward over the whole prompt fills every layer's cache
     decode:  one token at a time at input_pos = its position; sample from the last logits
+
+With `stream_window` (and `sink_size`) the cache is a sink + recent window (litattn/streaming.py,
+StreamingLLM): it keeps the first S and the latest W tokens with positions re-assigned inside it, so
+generation runs for any length in bounded memory. A prompt longer than S + W is prefilled in pieces: the
+first S + W tokens at once, then `stream_chunk` tokens at a time, each chunk evicting as many old tokens.
 """
 
 from __future__ import annotations
@@ -68,21 +73,34 @@ def generate(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     stream: Callable[[int], None] | None = None,
+    stream_window: int | None = None,
+    sink_size: int | None = None,
+    stream_chunk: int | None = None,
 ) -> Tensor:
     """Continue prompt (T,) by up to max_new_tokens; returns prompt + new tokens, 1-D.
 
     Stops after eos_id (which is included in the output and streamed). Only ids below
     config.vocab_size are sampled: the padded embedding rows are no tokens. stream(id) is called
     for each new token as soon as it is chosen. The KV cache is cleared afterwards.
+
+    stream_window W (with sink_size S, default 4): a sink + recent-window cache of S + W slots
+    (litattn.streaming), for prompts and outputs of any length; a prompt longer than S + W is prefilled
+    `stream_chunk` tokens at a time once the cache is full (default max(1, W // 4): each prompt token sees
+    at least the latest 3W/4 tokens and the sinks; 1 is the exact token-by-token rule). None: ordinary
+    generation within the model's context.
     """
+    from litattn.streaming import SinkWindowCache, check_streaming_args
+
     _check_sampling(temperature, top_k, top_p)
+    check_streaming_args(stream_window, sink_size, stream_chunk)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompt = prompt.flatten()
     T, context = prompt.numel(), model.max_seq_length
     if T == 0:
         raise ValueError("The prompt is empty: generation needs at least one token to condition on")
-    if T + max_new_tokens > context:
+    streaming = stream_window is not None
+    if not streaming and T + max_new_tokens > context:
         raise ValueError(
             f"prompt has {T} tokens + {max_new_tokens} new exceeds the model's context of {context}; "
             "shorten the prompt or lower max_new_tokens"
@@ -91,9 +109,31 @@ def generate(
     prompt = prompt.to(device=device, dtype=torch.long)
     vocab_size = model.config.vocab_size
     tokens = [prompt]
-    model.set_kv_cache(1, max_seq_length=T + max_new_tokens)
+    if streaming:
+        cache = SinkWindowCache(model, sink_size, stream_window)
+        chunk = max(1, stream_window // 4) if stream_chunk is None else stream_chunk
+
+        def prefill(ids: Tensor) -> Tensor:
+            for piece in cache.feed(ids.view(1, -1), chunk):
+                last = piece[0, -1]  # only the last token's logits are needed
+            return last
+
+        def step(next_id: Tensor, slot: int) -> Tensor:
+            return cache.forward(next_id.view(1, 1))[0, -1]
+
+        close = cache.close
+    else:
+        model.set_kv_cache(1, max_seq_length=T + max_new_tokens)
+
+        def prefill(ids: Tensor) -> Tensor:
+            return model(ids.view(1, -1), input_pos=torch.arange(T, device=device))[0, -1]
+
+        def step(next_id: Tensor, slot: int) -> Tensor:
+            return model(next_id.view(1, 1), input_pos=torch.tensor([slot], device=device))[0, -1]
+
+        close = model.clear_kv_cache
     try:
-        logits = model(prompt.view(1, -1), input_pos=torch.arange(T, device=device))[0, -1]
+        logits = prefill(prompt)
         for i in range(max_new_tokens):
             next_id = sample(logits[:vocab_size], temperature, top_k, top_p, generator)
             tokens.append(next_id)
@@ -102,9 +142,9 @@ def generate(
                 stream(token)
             if token == eos_id or i + 1 == max_new_tokens:
                 break
-            logits = model(next_id.view(1, 1), input_pos=torch.tensor([T + i], device=device))[0, -1]
+            logits = step(next_id, T + i)
     finally:
-        model.clear_kv_cache()
+        close()
     return torch.cat(tokens)
 
 
@@ -167,6 +207,9 @@ def main(
     seed: int = 1234,
     attention: dict | None = None,
     context: int | None = None,
+    stream_window: int | None = None,
+    sink_size: int | None = None,
+    stream_chunk: int | None = None,
 ) -> str:
     """Generate text from a checkpoint, printing it as it is produced.
 
@@ -176,7 +219,8 @@ def main(
         instruction: Ask a finetuned model: this instruction, in the prompt template of `litattn finetune`,
             replaces `prompt`.
         max_new_tokens: Most tokens to generate (fewer if the end-of-sequence token comes first, or if the
-            model's context has less room left after the prompt: then a note on stderr says so).
+            model's context has less room left after the prompt: then a note on stderr says so; streaming has
+            no such limit).
         temperature: Softmax temperature; 0 picks the most likely token (greedy).
         top_k: Sample among the k most likely tokens only (None: all).
         top_p: Sample among the most likely tokens whose probability sums to top_p (None: all).
@@ -185,6 +229,14 @@ def main(
             keys without a `name` update the saved spec's options.
         context: Accept up to this many tokens, beyond what the attention handles at block_size (RoPE
             positions extrapolate); default: what the attention handles.
+        stream_window: Stream with a sink + recent-window KV cache (StreamingLLM) that keeps the first
+            `sink_size` tokens and the latest `stream_window`, positions re-assigned inside it: prompt and
+            output of any length in bounded memory (RoPE models; sink_size + stream_window at most the
+            model's context). None: ordinary generation within the model's context.
+        sink_size: Attention-sink tokens kept at the start of the cache when streaming (default 4; 0: window only).
+        stream_chunk: Tokens per forward when prefilling a prompt longer than sink_size + stream_window, once
+            the cache is full (each chunk evicts as many old tokens); default max(1, stream_window // 4);
+            1 is the exact token-by-token rule.
 
     Returns:
         The generated text (without the prompt).
@@ -192,20 +244,26 @@ def main(
     from litattn.args import check_range, check_seed
     from litattn.checkpoint import load_with_tokenizer
     from litattn.data.instructions import format_prompt
+    from litattn.streaming import DEFAULT_SINK_SIZE, check_streamable, check_streaming_args
 
     check_range("max_new_tokens", max_new_tokens, ge=1)  # every argument before the model loads
     _check_sampling(temperature, top_k, top_p)
     check_seed("seed", seed)
     check_range("context", context, ge=1, null="what the attention handles")
+    check_streaming_args(stream_window, sink_size, stream_chunk)
     if instruction is not None:
         prompt = format_prompt(instruction)
     model, tokenizer, _ = load_with_tokenizer(checkpoint_dir, attention=attention, context=context)
     device = model.lm_head.weight.device
     model.eval()
+    if stream_window is not None:
+        sink_size = DEFAULT_SINK_SIZE if sink_size is None else sink_size
+        check_streamable(model, sink_size + stream_window)
     ids = tokenizer.encode(prompt, bos=getattr(tokenizer, "use_bos", False))  # as the checkpoint's tokenizer does
     if not ids:
         raise ValueError("The prompt is empty: generation needs at least one token to condition on")
-    max_new_tokens = _fit_context(max_new_tokens, len(ids), model.max_seq_length)
+    if stream_window is None:
+        max_new_tokens = _fit_context(max_new_tokens, len(ids), model.max_seq_length)
     generator = torch.Generator(device=device).manual_seed(seed)
     decoder = IncrementalDecoder(tokenizer, ids)
     pieces: list[str] = []
@@ -230,6 +288,9 @@ def main(
         eos_id=tokenizer.eos_id,
         generator=generator,
         stream=stream,
+        stream_window=stream_window,
+        sink_size=sink_size,
+        stream_chunk=stream_chunk,
     )
     elapsed = time.perf_counter() - start
     pieces.append(decoder.flush())

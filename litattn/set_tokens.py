@@ -24,7 +24,11 @@ STEP_SALT = 1 << 20
 class SETRedraw(TrainingHook):
     """Re-draw the rows of `ids` in the token embedding (and an untied output head) each epoch or N steps."""
 
-    def __init__(self, ids: Sequence[int], every_steps: int | None = None, freeze: bool = False) -> None:
+    def __init__(
+        self, ids: Sequence[int], every_steps: int | None = None, freeze: bool = False, redraw: bool = True
+    ) -> None:
+        """every_steps: re-draw every N optimizer steps instead of every epoch. freeze: undo every optimizer update
+        of the rows. redraw=False (with freeze): draw once at the start of training and keep those values."""
         if not ids:
             raise ValueError("SETRedraw: no SET token ids to re-draw")
         if every_steps is not None and every_steps < 1:
@@ -32,19 +36,23 @@ class SETRedraw(TrainingHook):
         self.ids = sorted(set(int(i) for i in ids))
         self.every_steps = every_steps
         self.freeze = freeze
+        self.redraw = redraw
+
+    def period(self, ctx: HookContext) -> int:
+        """Which draw the rows hold now: the epoch, the step period (offset by STEP_SALT), or 0 if drawn once."""
+        if not self.redraw:
+            return 0
+        return ctx.epoch if self.every_steps is None else STEP_SALT + ctx.step // self.every_steps
 
     def on_epoch_start(self, ctx: HookContext) -> None:
-        if self.every_steps is None:
-            self._redraw(ctx, period=ctx.epoch, announce=f"epoch {ctx.epoch}")
-        elif ctx.step == 0:  # a fresh run starts from the first step period's draw
-            self._redraw(ctx, period=STEP_SALT, announce="step 0")
+        if ctx.step == 0 or (self.redraw and self.every_steps is None):
+            self._redraw(ctx, period=self.period(ctx), announce=f"epoch {ctx.epoch}")
 
     def on_step_end(self, ctx: HookContext) -> None:
-        if self.every_steps is not None and ctx.step % self.every_steps == 0:
-            self._redraw(ctx, period=STEP_SALT + ctx.step // self.every_steps, announce=f"step {ctx.step}")
+        if self.redraw and self.every_steps is not None and ctx.step % self.every_steps == 0:
+            self._redraw(ctx, period=self.period(ctx), announce=f"step {ctx.step}")
         elif self.freeze:  # undo this step's update: the rows keep their drawn values
-            period = ctx.epoch if self.every_steps is None else STEP_SALT + ctx.step // self.every_steps
-            self._redraw(ctx, period=period, announce=None)
+            self._redraw(ctx, period=self.period(ctx), announce=None)
 
     def rows(self, model) -> list[torch.nn.Parameter]:
         """The parameters whose rows are SET tokens: the embedding, and the output head unless tied to it."""

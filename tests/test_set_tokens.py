@@ -91,6 +91,12 @@ def test_freeze_undoes_every_update_of_the_rows_and_every_n_steps_redraws_on_sch
         values.append(model.transformer.wte.weight[IDS].clone())
     changes = [step for step in range(2, 8) if not torch.equal(values[step - 1], values[step - 2])]
     assert changes == [3, 6]
+    once = SETRedraw(IDS, freeze=True, redraw=False)  # drawn at the start, then held
+    once.on_epoch_start(context(model, optimizer, epoch=0))
+    held = model.transformer.wte.weight[IDS].clone()
+    once.on_epoch_start(context(model, optimizer, epoch=1, step=5))
+    once.on_step_end(context(model, optimizer, epoch=1, step=6))
+    assert torch.equal(model.transformer.wte.weight[IDS], held)
     with pytest.raises(ValueError, match="every_steps must be >= 1"):
         SETRedraw(IDS, every_steps=0)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):

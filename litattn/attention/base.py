@@ -121,9 +121,11 @@ class AttentionMechanism(nn.Module):
     metadata_keys: ClassVar[dict[str, str]] = {}
     """The batch metadata the mechanism reads, name -> "shape: meaning" (e.g. {"segment_ids": "(B, T) long:
     the segment of each token"}). Metadata the mechanism does not declare is an error, never ignored."""
-    cache_before_rope: ClassVar[bool] = False
+    cache_before_rope: bool = False
     """Cache keys before RoPE and rotate the cached keys at their stored positions on every step
-    (the cache then keeps each slot's position), instead of caching rotated keys."""
+    (the cache then keeps each slot's position), instead of caching rotated keys. A class default an instance
+    may override: litattn.streaming turns it on in every mechanism, so keys moved to other slots by eviction
+    are rotated at their new positions."""
     cached_extras: ClassVar[dict[str, torch.dtype]] = {}
     """Per-slot tensors the KV cache keeps besides k and v (name -> dtype, stored (B, slots)); `cache_values`
     gives their values for the tokens being written."""

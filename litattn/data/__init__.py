@@ -1,6 +1,7 @@
 """Data modules: a corpus goes in, cached token files and `TokenWindows` datasets come out."""
 
 from litattn.data.base import DataModule, TokenWindows
+from litattn.data.inject import DisruptPlacement, InjectTokens, SETPlacement
 from litattn.data.instructions import (
     ALPACA_PROMPT,
     AlpacaJSON,
@@ -19,11 +20,14 @@ __all__ = [
     "ALPACA_PROMPT",
     "AlpacaJSON",
     "DataModule",
+    "DisruptPlacement",
     "Example",
+    "InjectTokens",
     "InstructionData",
     "InstructionDataset",
     "PasskeyMix",
     "PyDocQA",
+    "SETPlacement",
     "StdlibCorpus",
     "TextFiles",
     "TokenWindows",
