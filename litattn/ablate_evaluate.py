@@ -29,7 +29,12 @@ import yaml
 
 from litattn.utils import atomic_write, atomic_write_text
 
-KINDS = {"perplexity": "perplexity", "passkey": "passkey accuracy"}  # kind -> what its table shows
+KINDS = ("perplexity", "passkey")  # the `litattn evaluate` subcommands an ablation runs
+TABLES = {  # row kind -> what its table shows
+    "perplexity": "perplexity",
+    "passkey": "passkey accuracy",
+    "passkey_digits": "passkey digit accuracy (share of the key's digits answered at their place)",
+}
 
 
 @dataclass
@@ -132,23 +137,27 @@ def rows(evaluations: list[Evaluation]) -> list[dict[str, Any]]:
     for e in evaluations:
         result = json.loads(e.result_file.read_text())
         for r in result["results"]:
-            value = None
-            if "error" not in r:
-                if e.kind == "perplexity":
-                    value = r["perplexity"]
-                else:
-                    value = sum(c["correct"] for c in r["cells"]) / sum(c["trials"] for c in r["cells"])
-            out.append(
-                {
-                    "variant": e.run.variant,
-                    "seed": e.run.seed,
-                    "attention": e.label,
-                    "kind": e.kind,
-                    "length": r["length"],
-                    "value": value,
-                    "error": r.get("error", ""),
-                }
-            )
+            values: dict[str, float | None] = {
+                k: None for k in ([e.kind] if e.kind == "perplexity" else ["passkey", "passkey_digits"])
+            }
+            if "error" not in r and e.kind == "perplexity":
+                values["perplexity"] = r["perplexity"]
+            elif "error" not in r:
+                trials = sum(c["trials"] for c in r["cells"])
+                values["passkey"] = sum(c["correct"] for c in r["cells"]) / trials
+                values["passkey_digits"] = sum(c["digit_accuracy"] * c["trials"] for c in r["cells"]) / trials
+            for kind, value in values.items():
+                out.append(
+                    {
+                        "variant": e.run.variant,
+                        "seed": e.run.seed,
+                        "attention": e.label,
+                        "kind": kind,
+                        "length": r["length"],
+                        "value": value,
+                        "error": r.get("error", ""),
+                    }
+                )
     return out
 
 
@@ -170,7 +179,7 @@ def _values(table_rows: list[dict], kind: str, key: tuple[str, str], length: int
 def markdown(table_rows: list[dict], seeds: list[int]) -> str:
     """A table per kind: rows variant x attention, columns lengths, cells mean ± sample std over seeds."""
     parts = []
-    for kind, title in KINDS.items():
+    for kind, title in TABLES.items():
         keys, lengths = _groups(table_rows, kind)
         if not keys:
             continue
@@ -214,7 +223,7 @@ def _plot(table_rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = [k for k in KINDS if any(r["kind"] == k for r in table_rows)]
+    kinds = [k for k in TABLES if any(r["kind"] == k for r in table_rows)]
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         keys, lengths = _groups(table_rows, kind)
@@ -229,7 +238,7 @@ def _plot(table_rows: list[dict], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.set_xlabel("length (tokens)")
-        ax.set_title(f"{KINDS[kind]} (mean ± std over seeds)")
+        ax.set_title(f"{TABLES[kind].split(' (')[0]} (mean ± std over seeds)")
         if kind == "perplexity":
             ax.set_yscale("log")
         else:

@@ -12,7 +12,8 @@ The filler is a cycle of five sentences; its count is chosen per prompt so that 
 checkpoint's tokenizer, has at most `length - max_new_tokens` tokens and as many as fit (the actual counts are
 reported). The key sentence goes after `round(depth * filler sentences)` of them: depth 0 right after the
 instructions, depth 1 right before the question. The model answers greedily (KV cache) with up to
-`max_new_tokens` tokens; an answer is correct when the first number in it (spaces removed) is the key.
+`max_new_tokens` tokens; an answer is correct when the first number in it (spaces removed) is the key. Its
+digit accuracy (the share of the key's digits it has at their place) shows partial retrieval too.
 Each cell (length, depth) uses the same `trials` keys, drawn from `random.Random(seed)`.
 """
 
@@ -104,6 +105,15 @@ def build_prompt(tokenizer: Any, key: int, depth: float, max_tokens: int) -> Pro
     """The prompt with the most filler sentences whose tokens (with the tokenizer's BOS where it uses one) fit
     in max_tokens; ValueError when even the prompt without filler does not fit. (Many prompts: `PromptBuilder`.)"""
     return PromptBuilder(tokenizer)(key, depth, max_tokens)
+
+
+def digits_correct(answer: str, key: int) -> float:
+    """Share of the key's digits that the first number in the answer (whitespace removed) has at the same place:
+    partial retrieval, for models too small to copy a whole key (1.0 iff `is_correct`)."""
+    match = re.search(r"\d+", re.sub(r"\s+", "", answer))
+    got, want = (match.group() if match else ""), str(key)
+    same = sum(a == b for a, b in zip(got, want, strict=False))
+    return same / max(len(want), len(got))
 
 
 def is_correct(answer: str, key: int) -> bool:
@@ -219,6 +229,7 @@ def passkey(
                             "key": key,
                             "answer": text,
                             "correct": is_correct(text, key),
+                            "digits": digits_correct(text, key),
                             "prompt_tokens": len(prompt.ids),
                             "filler_sentences": prompt.filler_sentences,
                             "key_position": prompt.key_position,
@@ -233,6 +244,7 @@ def passkey(
                         "correct": correct,
                         "trials": len(answers),
                         "accuracy": correct / len(answers),
+                        "digit_accuracy": sum(a["digits"] for a in answers) / len(answers),
                         "prompt_tokens_min": min(tokens),
                         "prompt_tokens_max": max(tokens),
                         "answers": answers,

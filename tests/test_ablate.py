@@ -163,20 +163,21 @@ def test_evaluation_tables_from_result_files(tmp_path):
     correct = {1: (2, 1), 2: (0, 1)}  # seed -> correct answers at depth 0 and depth 1, of 2 trials each
     for e in evaluations:
         e.directory.mkdir(parents=True)
-        cells = [{"correct": c, "trials": 2} for c in correct[e.run.seed]]
+        cells = [{"correct": c, "trials": 2, "digit_accuracy": 0.2 * (c + 1)} for c in correct[e.run.seed]]
         rows = [{"length": 256, "cells": cells}, {"length": 512, "cells": cells}]
         if e.run.seed == 2:
             rows[1] = {"length": 512, "error": "too long"}
         e.result_file.write_text(json.dumps({"results": rows}))
     rows = ablate_evaluate.rows(evaluations)
-    assert [(r["seed"], r["length"], r["value"]) for r in rows] == [
-        (1, 256, 0.75),
-        (1, 512, 0.75),
-        (2, 256, 0.25),
-        (2, 512, None),
-    ]
+    accuracy = [(r["seed"], r["length"], r["value"]) for r in rows if r["kind"] == "passkey"]
+    assert accuracy == [(1, 256, 0.75), (1, 512, 0.75), (2, 256, 0.25), (2, 512, None)]
+    digits = [(r["seed"], r["length"], r["value"]) for r in rows if r["kind"] == "passkey_digits"]
+    assert digits == [(1, 256, pytest.approx(0.5)), (1, 512, pytest.approx(0.5)), (2, 256, pytest.approx(0.3)),
+                      (2, 512, None)]  # fmt: skip
     table = ablate_evaluate.markdown(rows, [1, 2])
-    assert f"| v | se | 0.50 ± {statistics.stdev([0.75, 0.25]):.2f} | n/a |" in table
+    accuracy_table, digits_table = table.split("**passkey digit accuracy")
+    assert f"| v | se | 0.50 ± {statistics.stdev([0.75, 0.25]):.2f} | n/a |" in accuracy_table
+    assert f"| v | se | 0.40 ± {statistics.stdev([0.5, 0.3]):.2f} | n/a |" in digits_table
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,14 @@ def test_prompt_without_room_for_the_instructions_is_an_error(tokenizer):
         pk.build_prompt(tokenizer, 12345, 0.5, 10)
 
 
+def test_digits_correct_counts_digits_at_their_place():
+    assert pk.digits_correct(" 12345.", 12345) == 1.0
+    assert pk.digits_correct(" 12945.", 12345) == 0.8
+    assert pk.digits_correct(" 1234", 12345) == 0.8  # one digit short
+    assert pk.digits_correct(" 123456", 12345) == 5 / 6  # one too many
+    assert pk.digits_correct(" no number", 12345) == 0.0
+
+
 def test_is_correct():
     assert pk.is_correct(" 12345. Remember", 12345)
     assert pk.is_correct(" 1 2 3 4 5", 12345)
