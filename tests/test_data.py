@@ -304,3 +304,13 @@ def test_stdlib_corpus_setup_on_a_subset(tmp_path):
     first_file = data.find_files()[0][0]
     assert first_file.parent.name == "json"
     assert first_file.read_text().startswith(tok.decode(x))  # the first file, tokenized faithfully
+
+
+def test_stdlib_corpus_packages_select_folders_of_the_library():
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    train, val = StdlibCorpus(packages=["json"], exclude=["__pycache__"]).find_files()
+    assert sorted(f.name for f in train + val) == sorted(p.name for p in (stdlib / "json").glob("*.py"))
+    with pytest.raises(ValueError, match=r"\['nope'\] are not packages"):
+        StdlibCorpus(packages=["nope"])
+    with pytest.raises(ValueError, match="packages is empty"):
+        StdlibCorpus(packages=[])

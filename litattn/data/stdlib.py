@@ -31,6 +31,22 @@ class StdlibCorpus(TextFiles):
     """Python source files only."""
     exclude: list[str] = field(default_factory=lambda: list(STDLIB_EXCLUDE))
     """Folder names left out at any depth: test suites and installed packages are not the library's own code."""
+    packages: list[str] | None = None
+    """Read only these packages of the library (folder names such as `json`, `email`), e.g. a small corpus to
+    overfit; None: the whole library. Replaces train_dirs."""
+
+    def __post_init__(self) -> None:
+        if self.packages is not None:
+            if isinstance(self.packages, str):
+                self.packages = [self.packages]
+            if not self.packages:
+                raise ValueError("packages is empty: name standard-library packages (e.g. [json]) or leave it null")
+            root = stdlib_dir()
+            missing = [p for p in self.packages if not (root / p).is_dir()]
+            if missing:
+                raise ValueError(f"{missing} are not packages (folders) of the standard library in {root}")
+            self.train_dirs = [root / p for p in self.packages]
+        super().__post_init__()
 
     def _source(self) -> str:
         version = ".".join(map(str, sys.version_info[:3]))
