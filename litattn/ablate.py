@@ -125,7 +125,7 @@ def ablate(
 
     rows = [_result(run, variants, baseline, runs) for run in runs]
     _write_csv(out_dir / "results.csv", rows)
-    table = _markdown(rows, list(variants), seeds, budget)
+    table = _markdown(rows, list(variants), seeds, budget) + _epoch_tables(runs, list(variants))
     atomic_write_text(out_dir / "results.md", table)
     print(table)
     _plots(runs, list(variants), out_dir)
@@ -323,6 +323,49 @@ def _markdown(rows: list[dict], variants: list[str], seeds: list[int], budget) -
         lines.append("| " + " | ".join(cells) + " |")
     budget_text = ", ".join(f"{k}={v}" for k, v in (budget or {}).items()) or "the recipe's"
     return "\n".join(lines) + f"\n\nSeeds {list(seeds)}; equal budget: {budget_text}; mean ± std over seeds.\n"
+
+
+def _by_epoch(run: Run) -> dict[int, tuple[float, float]]:
+    """Epoch (1-based) -> (validation loss at its end, mean training loss over its steps), for the epochs whose
+    last step was validated; {} for a run of fewer than two epochs."""
+    summary = json.loads((run.directory / "summary.json").read_text())
+    epochs = summary.get("epoch") or 0
+    if epochs < 2 or summary["step"] % epochs:
+        return {}
+    per_epoch = summary["step"] // epochs
+    rows = _metrics(run)
+    train = {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
+    val = {int(r["step"]): float(r["val_loss"]) for r in rows if r.get("val_loss")}
+    out = {}
+    for epoch in range(1, epochs + 1):
+        end = epoch * per_epoch
+        losses = [loss for step, loss in train.items() if end - per_epoch < step <= end]
+        if end in val and losses:
+            out[epoch] = (val[end], statistics.mean(losses))
+    return out
+
+
+def _epoch_tables(runs: list[Run], variants: list[str]) -> str:
+    """For multi-epoch runs: validation loss and the validation - training gap at up to six epochs, mean ± std
+    over seeds (the training loss is the mean over the epoch's logged steps)."""
+    data = {run.name: _by_epoch(run) for run in runs}
+    common = sorted(set.intersection(*(set(d) for d in data.values()))) if data else []
+    if len(common) < 2:
+        return ""
+    shown = sorted({common[round(i * (len(common) - 1) / 5)] for i in range(6)})
+    parts = []
+    for title, value in (("validation loss", lambda v, t: v), ("validation - training loss", lambda v, t: v - t)):
+        lines = [f"\n**{title}** at the end of epoch", "", "| variant | " + " | ".join(map(str, shown)) + " |"]
+        lines.append("|" + "---|" * (len(shown) + 1))
+        for variant in variants:
+            cells = []
+            for epoch in shown:
+                values = [value(*data[r.name][epoch]) for r in runs if r.variant == variant]
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n".join(parts) + "\n"
 
 
 def _plots(runs: list[Run], variants: list[str], out_dir: Path) -> None:

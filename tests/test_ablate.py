@@ -199,3 +199,31 @@ def test_a_bad_evaluate_section_fails_before_any_run(tmp_path, evaluate, message
             evaluate=evaluate,
         )
     assert not any(tmp_path.iterdir())
+
+
+def test_epoch_tables_show_validation_and_gap_at_epoch_ends(tmp_path):
+    """Two seeds of 4 epochs x 2 steps, hand-written logs: the gap is val at the epoch's last step minus the mean
+    training loss over its steps."""
+    from litattn.ablate import Run, _epoch_tables
+
+    runs = [Run("v", seed, tmp_path / f"seed-{seed}") for seed in (1, 2)]
+    for run in runs:
+        logs = run.directory / "logs" / "csv" / "version_0"
+        logs.mkdir(parents=True)
+        (run.directory / "summary.json").write_text(json.dumps({"step": 8, "epoch": 4}))
+        lines = ["step,train_loss,val_loss"]
+        for step in range(1, 9):
+            lines.append(f"{step},{5 - step * 0.5 + run.seed},")
+            if step % 2 == 0:
+                lines.append(f"{step},,{4 + run.seed * 0.1}")
+        (logs / "metrics.csv").write_text("\n".join(lines) + "\n")
+    table = _epoch_tables(runs, ["v"])
+    # epoch 2: steps 3, 4 -> train (3.5 + s + 3.0 + s) / 2 = 3.25 + s; val 4 + 0.1 s; gap 0.75 - 0.9 s
+    gaps = [0.75 - 0.9 * s for s in (1, 2)]
+    vals = [4.1, 4.2]
+    val_table, gap_table = table.split("**validation - training loss**")
+    assert "| variant | 1 | 2 | 3 | 4 |" in val_table
+    cells = [line for line in gap_table.splitlines() if line.startswith("| v |")][0].split("|")
+    assert cells[3].strip() == f"{statistics.mean(gaps):.3f} ± {statistics.stdev(gaps):.3f}"
+    cells = [line for line in val_table.splitlines() if line.startswith("| v |")][0].split("|")
+    assert cells[3].strip() == f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
