@@ -46,7 +46,7 @@ class DisruptSETOptions(AttentionOptions):
     """Keys at the first `num_sink` cache slots stay visible to every later query (StreamingLLM uses 4)."""
     disrupt_id: int | None = None
     """Token id that starts a new segment, when the batch has no `segment_ids`. None: `<|disrupt|>` of a litattn
-    tokenizer (id 1); set it for a tokenizer that gives the token another id (e.g. one added to a converted one)."""
+    tokenizer (id 2); set it for a tokenizer that gives the token another id (e.g. one added to a converted one)."""
 
 
 @register_attention("disrupt_set")
