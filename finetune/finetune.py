@@ -90,7 +90,7 @@ def setup(
             "checkpoint's own tokenizer: copy the one it was trained with into the directory"
         )
     data = PyDocQA() if data is None else data
-    if log.sample_prompt is not None and isinstance(data, InstructionData):
+    if log.sample_prompt is not None and isinstance(data.innermost(), InstructionData):
         log = replace(log, sample_prompt=format_prompt(log.sample_prompt))
     plan = make_plan(method, config, Path(checkpoint_dir), lora)
 

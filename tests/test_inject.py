@@ -438,3 +438,12 @@ def test_pretrain_two_epochs_with_injection_from_the_config_hub(tmp_path, tokeni
     data = yaml.safe_load((out / "final" / "hyperparameters.yaml").read_text())["data"]
     assert data["class_path"] == "litattn.data.inject.InjectTokens"
     assert data["init_args"]["disrupt"]["every_n_tokens"] == 32 and data["init_args"]["set"]["pool"] == 4
+
+
+def test_wrappers_know_their_innermost_data_module():
+    from litattn.data import AlpacaJSON, PasskeyMix, StdlibCorpus
+
+    inner = StdlibCorpus()
+    assert InjectTokens(PasskeyMix(inner), disrupt={"every": "document"}).innermost() is inner
+    alpaca = AlpacaJSON.__new__(AlpacaJSON)  # no file needed to ask what kind of data it is
+    assert InjectTokens(alpaca, set={"kind": "entity"}).innermost() is alpaca and inner.innermost() is inner

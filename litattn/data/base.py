@@ -38,6 +38,11 @@ class DataModule(ABC):
         to re-draw something of the data each epoch; none by default."""
         return []
 
+    def innermost(self) -> DataModule:
+        """The data module at the core of any wrappers (InjectTokens, PasskeyMix): what kind of data this is."""
+        inner = getattr(self, "data", None) or getattr(self, "corpus", None)
+        return inner.innermost() if isinstance(inner, DataModule) else self
+
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id: halves the token files for vocabularies below 65536."""
