@@ -683,16 +683,30 @@ def hyperparameters_of(arguments: dict[str, Any]) -> dict[str, Any]:
     """The run's arguments as plain YAML-able data (saved into every checkpoint)."""
     out = {}
     for key, value in arguments.items():
-        if hasattr(value, "__dataclass_fields__"):
-            value = (
-                {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": asdict(value)}
-                if key == "data"
-                else asdict(value)
-            )
+        if isinstance(value, DataModule):
+            value = _class_path(value)
+        elif hasattr(value, "__dataclass_fields__"):
+            value = asdict(value)
         if isinstance(value, Config):
             value = value.to_dict()
         out[key] = _plain(value)
     return out
+
+
+def _class_path(module: DataModule) -> dict[str, Any]:
+    """A data module as the CLI reads one: class_path and init_args, nested data modules (a wrapper's) alike."""
+    from dataclasses import fields
+
+    init_args = {}
+    for f in fields(module):
+        if f.init:
+            value = getattr(module, f.name)
+            init_args[f.name] = _class_path(value) if isinstance(value, DataModule) else _plain_dataclass(value)
+    return {"class_path": f"{type(module).__module__}.{type(module).__qualname__}", "init_args": init_args}
+
+
+def _plain_dataclass(value):
+    return asdict(value) if hasattr(value, "__dataclass_fields__") else value
 
 
 def _plain(value):

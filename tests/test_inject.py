@@ -415,7 +415,6 @@ def test_a_tokenizer_without_reserved_tokens_fails_at_setup(tmp_path):
 
 # ---------------------------------------------------------------------------------- end to end
 def test_pretrain_two_epochs_with_injection_from_the_config_hub(tmp_path, tokenizer, capsys):
-    from litattn.attention import available_attention
 
     out = tmp_path / "out"
     args = [
@@ -423,13 +422,6 @@ def test_pretrain_two_epochs_with_injection_from_the_config_hub(tmp_path, tokeni
         "--tokenizer_dir", str(tokenizer.checkpoint_dir), "--cache_dir", str(tmp_path / "cache"),
         "--log.sample_prompt", "null", "--out_dir", str(out),
     ]  # fmt: skip
-    if "disrupt_set" not in available_attention():  # causal reads no batch metadata: no segment_ids then
-        args += [
-            "--model",
-            "{block_size: 64, vocab_size: 512, attention: {name: causal}}",
-            "--data.segment_ids",
-            "false",
-        ]
     main(args)
     printed = capsys.readouterr().out
     assert "token injection: Disrupt tokens at document and paragraph starts, every 32 tokens" in printed
@@ -438,6 +430,14 @@ def test_pretrain_two_epochs_with_injection_from_the_config_hub(tmp_path, tokeni
     data = yaml.safe_load((out / "final" / "hyperparameters.yaml").read_text())["data"]
     assert data["class_path"] == "litattn.data.inject.InjectTokens"
     assert data["init_args"]["disrupt"]["every_n_tokens"] == 32 and data["init_args"]["set"]["pool"] == 4
+    assert data["init_args"]["data"]["class_path"] == "litattn.data.stdlib.StdlibCorpus"  # nested, as the CLI reads
+    again = tmp_path / "again.yaml"  # the saved section parses back as a data argument
+    again.write_text(yaml.safe_dump({"data": data}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--config", "config_hub/pretrain/disrupt-set-debug.yaml", "--config", str(again),
+              "--print_config"])  # fmt: skip
+    assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["data"]["init_args"]["packages"] == ["json"]
 
 
 def test_wrappers_know_their_innermost_data_module():
