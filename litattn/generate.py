@@ -76,6 +76,7 @@ def generate(
     stream_window: int | None = None,
     sink_size: int | None = None,
     stream_chunk: int | None = None,
+    prefix_len: int | None = None,
 ) -> Tensor:
     """Continue prompt (T,) by up to max_new_tokens; returns prompt + new tokens, 1-D.
 
@@ -88,6 +89,10 @@ def generate(
     `stream_chunk` tokens at a time once the cache is full (default max(1, W // 4): each prompt token sees
     at least the latest 3W/4 tokens and the sinks; 1 is the exact token-by-token rule). None: ordinary
     generation within the model's context.
+
+    prefix_len: the prompt's first prefix_len tokens are a prefix to be read as a whole (e.g. an instruction
+    prompt): handed to the prefill as `prefix_len` metadata when the attention mechanism reads it (declares it
+    in `metadata_keys`; hybrid sees the prefix bidirectionally), ignored by mechanisms that do not.
     """
     from litattn.streaming import SinkWindowCache, check_streaming_args
 
@@ -108,6 +113,13 @@ def generate(
     device = model.lm_head.weight.device
     prompt = prompt.to(device=device, dtype=torch.long)
     vocab_size = model.config.vocab_size
+    metadata = {}  # the prompt's attention metadata, for the prefill
+    if prefix_len is not None and "prefix_len" in model.mechanism.metadata_keys:
+        if not 0 <= prefix_len <= T:
+            raise ValueError(f"prefix_len must be between 0 and the prompt's {T} tokens, got {prefix_len}")
+        if streaming:
+            raise ValueError("A prompt prefix (prefix_len) cannot be streamed: drop stream_window or prefix_len")
+        metadata["prefix_len"] = torch.tensor([prefix_len], device=device)
     tokens = [prompt]
     if streaming:
         cache = SinkWindowCache(model, sink_size, stream_window)
@@ -126,7 +138,7 @@ def generate(
         model.set_kv_cache(1, max_seq_length=T + max_new_tokens)
 
         def prefill(ids: Tensor) -> Tensor:
-            return model(ids.view(1, -1), input_pos=torch.arange(T, device=device))[0, -1]
+            return model(ids.view(1, -1), input_pos=torch.arange(T, device=device), **metadata)[0, -1]
 
         def step(next_id: Tensor, slot: int) -> Tensor:
             return model(next_id.view(1, 1), input_pos=torch.tensor([slot], device=device))[0, -1]
@@ -217,7 +229,7 @@ def main(
         checkpoint_dir: A checkpoint directory (model.safetensors, model_config.yaml, tokenizer).
         prompt: Text to continue.
         instruction: Ask a finetuned model: this instruction, in the prompt template of `litattn finetune`,
-            replaces `prompt`.
+            replaces `prompt`, and the whole prompt is its prefix (`prefix_len`, for attention that reads one).
         max_new_tokens: Most tokens to generate (fewer if the end-of-sequence token comes first, or if the
             model's context has less room left after the prompt: then a note on stderr says so; streaming has
             no such limit).
@@ -291,6 +303,7 @@ def main(
         stream_window=stream_window,
         sink_size=sink_size,
         stream_chunk=stream_chunk,
+        prefix_len=len(ids) if instruction is not None else None,
     )
     elapsed = time.perf_counter() - start
     pieces.append(decoder.flush())

@@ -223,11 +223,11 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
     def validate(max_iters: int | None) -> float:
         return validation_loss(fabric, model, val_data, b.micro, max_iters)
 
-    sample_prompt = _sample_prompt(log, tokenizer, val_data)
+    sample_prompt, sample_prefix_len = _sample_prompt(log, tokenizer, val_data)
 
     def write_sample() -> None:
         if sample_prompt is not None and fabric.global_rank == 0:
-            _sample(unwrap(model), tokenizer, sample_prompt, log.sample_tokens, seed)
+            _sample(unwrap(model), tokenizer, sample_prompt, log.sample_tokens, seed, sample_prefix_len)
             model.train()
 
     def call_hooks(event: str) -> None:
@@ -653,17 +653,19 @@ def _summary(
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
 
 
-def _sample_prompt(log: LogArgs, tokenizer, val_data) -> list[int] | None:
+def _sample_prompt(log: LogArgs, tokenizer, val_data) -> tuple[list[int] | None, int | None]:
     """The sample's prompt ids: log.sample_prompt, else the first validation example's prompt for instruction
-    data (whose items have one), else none."""
+    data (whose items have one), else none; and its prefix length: the whole prompt when the data's items carry
+    `prefix_len` (as in training), else None."""
     if log.sample_prompt is not None:
-        return tokenizer.encode(log.sample_prompt)
+        return tokenizer.encode(log.sample_prompt), None
     if hasattr(val_data, "prompt_ids"):
-        return val_data.prompt_ids(0)
-    return None
+        ids = val_data.prompt_ids(0)
+        return ids, len(ids) if "prefix_len" in val_data[0] else None
+    return None, None
 
 
-def _sample(model, tokenizer, prompt_ids: list[int], max_tokens: int, seed: int) -> None:
+def _sample(model, tokenizer, prompt_ids: list[int], max_tokens: int, seed: int, prefix_len: int | None = None) -> None:
     from litattn.generate import generate
 
     max_tokens = min(max_tokens, model.max_seq_length - len(prompt_ids))
@@ -674,7 +676,14 @@ def _sample(model, tokenizer, prompt_ids: list[int], max_tokens: int, seed: int)
     generator = torch.Generator(device=prompt.device).manual_seed(seed)
     print(f"\n--- sample ({max_tokens} tokens) ---\n{tokenizer.decode(prompt_ids)}", end="", flush=True)
     out = generate(
-        model.eval(), prompt, max_tokens, temperature=0.8, top_k=50, eos_id=tokenizer.eos_id, generator=generator
+        model.eval(),
+        prompt,
+        max_tokens,
+        temperature=0.8,
+        top_k=50,
+        eos_id=tokenizer.eos_id,
+        generator=generator,
+        prefix_len=prefix_len,
     )
     print(tokenizer.decode(out[len(prompt) :].tolist()) + "\n---")
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from litattn.args import OptimizerArgs
-from litattn.model import is_mechanism_parameter
+from litattn.model import Block, is_mechanism_parameter
 
 
 # ---------------------------------------------------------------------------------- optimizer
@@ -168,19 +168,21 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     nanoGPT convention; 4 x for a frozen weight, as in SSA-only or LoRA finetuning), plus 12 x d x T per
     block application for attention scores (causal masking is not discounted; LoRA's small matmuls are not
     counted). A layer loop that applies blocks more than once (`model.block_applications()`) costs
-    proportionally more block FLOPs (the blocks are taken as equal in size)."""
+    proportionally more block FLOPs (the blocks are taken as equal in size; blocks a mechanism adds, e.g.
+    hybrid's thought layers, count among them)."""
 
     def cost(weights) -> int:
         return sum((6 if w.requires_grad else 4) * w.numel() for w in weights)
 
     config = model.config
     in_blocks = {id(m.weight) for m in model.transformer.h.modules() if isinstance(m, nn.Linear)}
+    n_blocks = sum(isinstance(m, Block) for m in model.transformer.h.modules())  # n_layer + any a mechanism adds
     weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}  # tied: once
     block_cost = cost(w for i, w in weights.items() if i in in_blocks)
     other_cost = cost(w for i, w in weights.items() if i not in in_blocks)
     applications = model.block_applications()
     attention = 12 * config.n_head * config.head_size * seq_len
-    return other_cost + applications * (block_cost / config.n_layer + attention)
+    return other_cost + applications * (block_cost / n_blocks + attention)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -6,6 +6,7 @@ Each built-in mechanism lives in its own module, imported here so that it regist
 from litattn.attention import (
     causal,  # noqa: E402,F401  (registers "causal")
     disrupt_set,  # noqa: E402,F401  (registers "disrupt_set")
+    hybrid,  # noqa: E402,F401  (registers "hybrid")
     self_extend,  # noqa: E402,F401  (registers "self_extend")
     ssa,  # noqa: E402,F401  (registers "ssa")
 )

@@ -113,17 +113,25 @@ def _n_targets(n_prompt: int, n_response: int) -> int:
 
 
 class InstructionDataset(Dataset):
-    """Padded examples of `seq_len` tokens: items are {"input_ids", "labels"}, LongTensors of shape (seq_len,).
+    """Padded examples of `seq_len` tokens: items are {"input_ids", "labels"}, LongTensors of shape (seq_len,),
+    and with `prefix` also "prefix_len", the prompt's length (a 0-dim LongTensor: batches carry (B,)).
 
     The token ids are stored unpadded (one flat int32 tensor plus offsets) and padded per item, so memory grows
     with the tokens of the data, not with N x seq_len.
     """
 
-    def __init__(self, examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int, pad_id: int) -> None:
-        """`examples`: (prompt_ids, response_ids) pairs (eos included in the response), each at most seq_len + 1."""
+    def __init__(
+        self,
+        examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+        seq_len: int,
+        pad_id: int,
+        prefix: bool = False,
+    ) -> None:
+        """`examples`: (prompt_ids, response_ids) pairs (eos included in the response), each at most seq_len + 1.
+        `prefix`: items carry `prefix_len`, the prompt's length (attention metadata: hybrid's thought prefix)."""
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
-        self.seq_len, self.pad_id = seq_len, pad_id
+        self.seq_len, self.pad_id, self.prefix = seq_len, pad_id, prefix
         lengths, prompt_lens, pieces = [], [], []
         for prompt, response in examples:
             n = len(prompt) + len(response)
@@ -155,6 +163,8 @@ class InstructionDataset(Dataset):
         input_ids[:k] = tokens[:-1]
         labels[:k] = tokens[1:]
         labels[: max(int(self.prompt_lens[i]) - 1, 0)] = IGNORE_INDEX  # positions whose target is still prompt
+        if self.prefix:  # the prompt precedes every target, so collate's trimming never cuts it
+            return {"input_ids": input_ids, "labels": labels, "prefix_len": self.prompt_lens[i].clone()}
         return {"input_ids": input_ids, "labels": labels}
 
     def prompt_ids(self, i: int) -> list[int]:
@@ -192,10 +202,11 @@ class InstructionData(DataModule):
     """Instruction examples for finetuning: `setup` tokenizes them with the checkpoint's tokenizer, pads and masks.
 
     Subclasses say where the examples come from (`load_examples`) and declare, as dataclass fields, at least
-    `truncation: Truncation`.
+    `truncation: Truncation` and `prefix: bool`.
     """
 
     truncation: Truncation = "right"
+    prefix: bool = False
 
     @abstractmethod
     def load_examples(self, cache_dir: Path) -> tuple[list[Example], list[Example]]:
@@ -236,7 +247,7 @@ class InstructionData(DataModule):
                     f"seq_len, add examples or use truncation='left'"
                 )
             stats[split] = SplitStats(examples=len(kept), truncated=truncated, dropped=len(part) - len(kept))
-            datasets[split] = InstructionDataset(kept, seq_len, pad_id)
+            datasets[split] = InstructionDataset(kept, seq_len, pad_id, prefix=self.prefix)
         self._datasets, self._stats, self._seq_len = datasets, stats, seq_len
         return tokenizer
 
@@ -347,6 +358,9 @@ class AlpacaJSON(InstructionData):
     truncation: Truncation = "right"
     """How examples longer than seq_len + 1 tokens are cut: "right" drops the end of the response, "left" the
     start of the prompt (keeping the response)."""
+    prefix: bool = False
+    """Batches carry `prefix_len`, each prompt's length, for attention that reads it (hybrid: the prompt is the
+    bidirectional prefix); the loss stays on the response. Other mechanisms drop it with a warning."""
 
     def __post_init__(self) -> None:
         self.train_file = Path(self.train_file)

@@ -39,6 +39,9 @@ class PyDocQA(InstructionData):
     truncation: Truncation = "right"
     """How examples longer than seq_len + 1 tokens are cut: "right" drops the end of the answer, "left" the
     start of the question (keeping the answer)."""
+    prefix: bool = False
+    """Batches carry `prefix_len`, each question's (prompt's) length, for attention that reads it (hybrid: the
+    prompt is the bidirectional prefix); the loss stays on the answer. Other mechanisms drop it with a warning."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:

@@ -1,0 +1,367 @@
+"""Hybrid attention against references written here: the prefix-LM mask as a naive masked softmax on random prefix
+lengths in a batch (GQA too), the plain prefix-LM model (iterations 1, refinements off) and the causal model (no
+prefix); who depends on whom; cached decoding; gradients; added thought layers; bounded training memory."""
+
+import pytest
+import torch
+
+import litattn.attention.hybrid as hy
+from litattn import GPT, Config
+from litattn.args import LogArgs
+from litattn.attention import AttentionMechanism, register_attention
+from litattn.attention.base import AttentionContext
+from litattn.attention.registry import normalize_attention_spec, split_spec
+from litattn.data.instructions import InstructionDataset
+from litattn.generate import generate
+from litattn.hooks import HookContext
+from litattn.loop import _sample_prompt
+from litattn.training import collate, flops_per_token
+
+END = hy.ENDTHOUGHT_ID
+
+
+def naive(q, k, v, prefix_len):
+    """q (B, H, T, D), k, v (B, Hkv, T, D), prefix_len (B,): explicit T x T prefix-LM mask, softmax in float64."""
+    B, H, T, D = q.shape
+    k, v = (x.repeat_interleave(H // k.shape[1], dim=1).double() for x in (k, v))
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    p = prefix_len[:, None, None, None]
+    allowed = (j <= i) | ((j < p) & (i < p))  # (B, 1, T, T)
+    scores = (q.double() @ k.transpose(-1, -2) / D**0.5).masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@register_attention("test_dense_prefix_lm")
+class DensePrefixLM(AttentionMechanism):
+    """The plain prefix-LM, written naively: every layer once, a dense T x T mask (full forwards only)."""
+
+    metadata_keys = {"prefix_len": "(B,) long"}
+
+    def attend(self, q, k, v, ctx):
+        q, k = q.double(), k.double()
+        return naive(q, k, v, ctx.metadata["prefix_len"]).to(v.dtype)
+
+
+def mechanism(config, **options):
+    cls, opts = split_spec(normalize_attention_spec({"name": "hybrid", **options}))
+    return cls(config, 0, opts)
+
+
+def tiny(attention, **overrides):
+    torch.manual_seed(0)
+    spec = {"name": attention} if isinstance(attention, str) else attention
+    return GPT(Config.from_name("tiny-llama", attention=spec, **overrides))
+
+
+def hybrid(**options):
+    return tiny({"name": "hybrid", **options})
+
+
+def same_weights(model, reference):
+    missing, unexpected = model.load_state_dict(reference.state_dict(), strict=False)
+    assert not unexpected and all(".attn.mechanism." in key for key in missing)  # new: the mechanism's own
+    return model
+
+
+def activate(model, seed=1, blocks=True):
+    """Move the refinements (and with `blocks` the added blocks) off their identity init, so every part acts."""
+    g = torch.Generator().manual_seed(seed)
+    mech = model.mechanism
+    with torch.no_grad():
+        if hasattr(mech, "reweight_weight"):
+            mech.reweight_weight.fill_(0.7)
+            mech.reweight_bias.fill_(-0.2)
+        if hasattr(mech, "interpolation"):
+            mech.interpolation.fill_(0.6)
+        for block in getattr(mech, "thought_blocks", ()) if blocks else ():
+            for proj in (block.attn.proj, block.mlp.proj):
+                proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * 0.05)
+    return model
+
+
+def random_prefixes(B, T, g):
+    """One row without a prefix, one all prefix, the others random."""
+    return torch.cat([torch.tensor([0, T]), torch.randint(1, T, (B - 2,), generator=g)])[:B]
+
+
+# ---------------------------------------------------------------------------------- the mask
+@pytest.mark.parametrize("H, Hkv", [(4, 4), (4, 2), (4, 1)])
+def test_attention_equals_the_naive_masked_softmax(H, Hkv):
+    g = torch.Generator().manual_seed(H + Hkv)
+    B, T, D = 5, 40, 8
+    config = Config.from_name("tiny-llama", n_head=H, n_query_groups=Hkv, n_embd=H * D)
+    q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (H, Hkv, Hkv))
+    prefix_len = random_prefixes(B, T, g)
+    ctx = AttentionContext(torch.arange(T), None, None, None, metadata={"prefix_len": prefix_len})
+    got = mechanism(config).attend(q, k, v, ctx)
+    torch.testing.assert_close(got.double(), naive(q, k, v, prefix_len), atol=1e-5, rtol=0)
+    # the flex kernel reads the same mask_mod (eager on CPU: inference only)
+    flex = AttentionContext(torch.arange(T), None, None, None, metadata={"prefix_len": prefix_len})
+    with torch.no_grad():
+        got = mechanism(config, kernel="flex").attend(q, k, v, flex)
+    torch.testing.assert_close(got.double(), naive(q, k, v, prefix_len), atol=1e-5, rtol=0)
+
+
+def test_gradients_match_the_naive_implementation():
+    g = torch.Generator().manual_seed(0)
+    config = Config.from_name("tiny-llama", n_head=4, n_query_groups=2, n_embd=32)
+    leaves = [torch.randn(4, h, 30, 8, dtype=torch.float64, generator=g, requires_grad=True) for h in (4, 2, 2)]
+    prefix_len = random_prefixes(4, 30, g)
+    ctx = AttentionContext(torch.arange(30), None, None, None, metadata={"prefix_len": prefix_len})
+    weights = torch.randn(4, 4, 30, 8, dtype=torch.float64, generator=g)
+    grads = [
+        torch.autograd.grad((fn(*leaves) * weights).sum(), leaves)
+        for fn in (lambda q, k, v: mechanism(config).attend(q, k, v, ctx), lambda q, k, v: naive(q, k, v, prefix_len))
+    ]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- the model against references
+@pytest.mark.parametrize("add_thought_layers", [False, True])
+def test_without_a_prefix_it_is_the_causal_model(add_thought_layers):
+    causal = tiny("causal").eval()
+    model = hybrid(iterations=3, reweighting=True, interpolation=True, add_thought_layers=add_thought_layers)
+    model = activate(same_weights(model, causal), blocks=False).eval()  # added blocks: the identity at init
+    idx = torch.randint(END + 1, 200, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), causal(idx), atol=1e-6, rtol=0)  # no marker: prefix_len 0
+        torch.testing.assert_close(model(idx, prefix_len=torch.zeros(2, dtype=torch.long)), causal(idx))
+
+
+def test_one_iteration_without_refinements_is_the_plain_prefix_lm():
+    reference = tiny("test_dense_prefix_lm").eval()
+    model = same_weights(hybrid(thought_layers=1), reference).eval()
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(END + 1, 200, (4, 20), generator=g)
+    prefix_len = random_prefixes(4, 20, g)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, prefix_len=prefix_len), reference(idx, prefix_len=prefix_len))
+
+
+def test_added_thought_layers_start_as_the_identity():
+    reference = tiny("test_dense_prefix_lm").eval()
+    model = same_weights(hybrid(thought_layers=2, add_thought_layers=True), reference).eval()
+    assert len(model.mechanism.thought_blocks) == 2 and model.block_applications() == 4
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(END + 1, 200, (3, 20), generator=g)
+    prefix_len = random_prefixes(3, 20, g)
+    with torch.no_grad():
+        ctx = model._context(idx, None, None, {"prefix_len": prefix_len})
+        h = torch.randn(3, 20, model.config.n_embd, generator=g)
+        for block in model.mechanism.thought_blocks:
+            assert torch.equal(block(h, ctx), h)
+        # the model then starts as the checkpoint's function (here: its prefix-LM)
+        torch.testing.assert_close(model(idx, prefix_len=prefix_len), reference(idx, prefix_len=prefix_len))
+
+
+@pytest.mark.parametrize("add_thought_layers", [False, True])
+def test_the_prefix_sees_later_prefix_tokens_and_nothing_sees_later_tokens_after_it(add_thought_layers):
+    model = hybrid(iterations=3, reweighting=True, interpolation=True, add_thought_layers=add_thought_layers)
+    model = activate(model).eval()
+    P, T = 6, 14
+    idx = torch.randint(END + 1, 200, (1, T))
+    prefix_len = torch.tensor([P])
+    with torch.no_grad():
+        logits = model(idx, prefix_len=prefix_len)
+        for j in range(T):
+            changed = idx.clone()
+            changed[0, j] = (changed[0, j] + 1 - END) % (200 - END) + END + 1
+            other = model(changed, prefix_len=prefix_len)
+            if j < P:  # every earlier prefix position reads it
+                assert all(not torch.allclose(other[0, i], logits[0, i], atol=1e-5) for i in range(j))
+            else:  # no earlier position reads it
+                torch.testing.assert_close(other[0, :j], logits[0, :j], atol=1e-6, rtol=0)
+            assert not torch.allclose(other[0, j], logits[0, j], atol=1e-5)
+
+
+def test_the_prefix_ends_after_the_first_endthought_token():
+    model = activate(hybrid(iterations=2, reweighting=True)).eval()
+    idx = torch.randint(END + 1, 200, (3, 12))
+    idx[0, 4] = END
+    idx[1, [2, 7]] = END
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), model(idx, prefix_len=torch.tensor([5, 3, 0])), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- cached decoding
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(iterations=3, reweighting=True, interpolation=True),
+        dict(iterations=4, thought_layers=2, add_thought_layers=True, interpolation=True, grad_iterations=1),
+        dict(iterations=2, thought_layers=2, reweighting=True),  # every block thinks
+    ],
+)
+def test_cached_decoding_equals_the_full_forward(options):
+    model = activate(hybrid(**options)).eval()
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(END + 1, 200, (2, 18), generator=g)
+    prefix_len = torch.tensor([7, 3])
+    prompt = 9
+    with torch.no_grad():
+        full = model(idx, prefix_len=prefix_len)
+        model.set_kv_cache(batch_size=2)
+        steps = [model(idx[:, :prompt], input_pos=torch.arange(prompt), prefix_len=prefix_len)]
+        for t in range(prompt, 18):
+            steps.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t])))
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def greedy_without_cache(model, prompt, n, **metadata):
+    ids = prompt.clone()
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids[None], **metadata)[0, -1, : model.config.vocab_size].argmax()[None]])
+    return ids
+
+
+def test_generate_reads_the_prompt_as_the_prefix():
+    model = activate(hybrid(iterations=3, reweighting=True, interpolation=True, add_thought_layers=True)).eval()
+    prompt = torch.randint(END + 1, 200, (8,))
+    with torch.no_grad():
+        cached = generate(model, prompt, 10, temperature=0, prefix_len=8)
+        full = greedy_without_cache(model, prompt, 10, prefix_len=torch.tensor([8]))
+        assert torch.equal(cached, full)
+        marked = torch.cat([prompt[:5], torch.tensor([END]), prompt[5:]])  # a prefix from the marker
+        assert torch.equal(generate(model, marked, 10, temperature=0), greedy_without_cache(model, marked, 10))
+        causal = tiny("causal").eval()  # a mechanism that reads no prefix_len ignores it
+        assert torch.equal(
+            generate(causal, prompt, 5, temperature=0, prefix_len=8), greedy_without_cache(causal, prompt, 5)
+        )
+
+
+def test_a_prefix_split_over_two_forwards_is_an_error():
+    model = hybrid(iterations=2).eval()
+    model.set_kv_cache(batch_size=1)
+    idx = torch.randint(END + 1, 200, (1, 10))
+    with torch.no_grad():
+        model(idx[:, :4], input_pos=torch.arange(4), prefix_len=torch.tensor([4]))
+        with pytest.raises(ValueError, match="reaches past slot 4, where this forward starts"):
+            model(idx[:, 4:6], input_pos=torch.arange(4, 6), prefix_len=torch.tensor([6]))
+
+
+# ---------------------------------------------------------------------------------- training
+def test_gradients_reach_the_refinement_parameters_and_the_thought_blocks():
+    options = dict(iterations=3, reweighting=True, interpolation=True, add_thought_layers=True, grad_iterations=1)
+    model = activate(hybrid(**options))  # grad_iterations 1: the refinements train through the last iteration
+    idx = torch.randint(END + 1, 200, (2, 16))
+    targets = torch.randint(0, 200, (2, 16))
+    model.loss(idx, targets, prefix_len=torch.tensor([6, 10])).backward()
+    mech = model.mechanism
+    for p in (mech.reweight_weight, mech.reweight_bias, mech.interpolation):
+        assert p.grad is not None and p.grad.abs() > 0
+    for name, p in mech.thought_blocks.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def saved_tensor_bytes(model, idx, targets, **metadata) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one training loss (weights included)."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.loss(idx, targets, **metadata)
+    return sum(storages.values())
+
+
+def test_training_memory_is_bounded_by_grad_iterations():
+    idx = torch.randint(END + 1, 200, (2, 64))
+    targets = torch.randint(0, 200, (2, 64))
+    meta = {"prefix_len": torch.tensor([48, 64])}
+    options = dict(reweighting=True, interpolation=True)
+    two = saved_tensor_bytes(hybrid(iterations=2, **options), idx, targets, **meta)
+    eight_bounded = saved_tensor_bytes(hybrid(iterations=8, grad_iterations=2, **options), idx, targets, **meta)
+    eight = saved_tensor_bytes(hybrid(iterations=8, **options), idx, targets, **meta)
+    assert eight_bounded == pytest.approx(two, rel=0.05)
+    assert eight > 1.5 * two  # the measurement sees the iterations it keeps
+
+
+def test_random_iterations_are_a_function_of_seed_and_step_and_only_in_training():
+    model = hybrid(iterations=5, random_iterations=True)
+    (hook,) = model.training_hooks()
+    draws = [hy.draw_iterations(7, step, 5) for step in range(40)]
+    assert draws == [hy.draw_iterations(7, step, 5) for step in range(40)] and set(draws) == {1, 2, 3, 4, 5}
+    calls = []
+    model.transformer.h[0].register_forward_hook(lambda *args: calls.append(1))  # the one thought block
+    idx = torch.randint(END + 1, 200, (1, 10))
+    for step in (0, 3):
+        hook.on_step_end(HookContext(model=model, optimizer=None, epoch=0, step=step, seed=7, fabric=None))
+        assert int(model.state_dict()["transformer.h.0.attn.mechanism.sampled_iterations"]) == draws[step]
+        calls.clear()
+        model.train()
+        model(idx, prefix_len=torch.tensor([6]))
+        assert len(calls) == draws[step]
+        calls.clear()
+        model.eval()
+        with torch.no_grad():
+            model(idx, prefix_len=torch.tensor([6]))
+        assert len(calls) == 5
+
+
+def test_block_applications_count_the_loop_in_maps_and_flops():
+    model = hybrid(iterations=3, thought_layers=1)
+    assert model.block_applications() == 3 + 1
+    maps = model.attention_maps(torch.randint(END + 1, 200, (1, 10)), prefix_len=torch.tensor([4]))
+    assert len(maps) == 4 and all(m.shape == (1, 4, 10, 10) for m in maps)
+    i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
+    for probs in maps:  # inside the prefix: later prefix keys are read; elsewhere: no later key
+        assert (probs[0][:, :4, :4] > 0).all() and (probs[0][:, (j > i) & ((j >= 4) | (i >= 4))] == 0).all()
+    causal = tiny("causal")
+    block = sum(p.numel() for n, p in causal.named_parameters() if n.startswith("transformer.h.0.") and p.ndim == 2)
+    extra = flops_per_token(model, 64) - flops_per_token(causal, 64)
+    assert extra == pytest.approx(2 * (6 * block + 12 * causal.config.n_head * causal.config.head_size * 64))
+    added = hybrid(iterations=2, thought_layers=1, add_thought_layers=True)
+    assert added.block_applications() == 2 + 2
+    assert flops_per_token(added, 64) - flops_per_token(causal, 64) == pytest.approx(extra)
+
+
+def test_instruction_items_carry_the_prompt_as_prefix_and_trimming_keeps_the_loss():
+    data = InstructionDataset([([5, 6, 7, 8], [9, 10, 0]), ([11, 12], [13, 0])], seq_len=16, pad_id=1, prefix=True)
+    batch = collate(data, torch.arange(2), multiple=1)
+    full = collate(data, torch.arange(2), multiple=1, trim=False)
+    assert batch["prefix_len"].tolist() == [4, 2] and batch["input_ids"].shape == (2, 6)
+    assert "prefix_len" not in InstructionDataset([([5], [6, 0])], seq_len=4, pad_id=1)[0]
+    model = activate(hybrid(iterations=3, reweighting=True, interpolation=True)).eval()
+    with torch.no_grad():
+        trimmed = model.loss(batch["input_ids"], batch["labels"], prefix_len=batch["prefix_len"])
+        untrimmed = model.loss(full["input_ids"], full["labels"], prefix_len=full["prefix_len"])
+    torch.testing.assert_close(trimmed, untrimmed, atol=1e-6, rtol=0)
+    # the training loop's sample reads the prompt as its prefix too, as in training
+    assert _sample_prompt(LogArgs(sample_prompt=None), None, data) == ([5, 6, 7, 8], 4)
+
+
+# ---------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(thought_layers=0), r"hybrid: thought_layers must be >= 1, got 0"),
+        (dict(iterations=0), r"hybrid: iterations must be >= 1, got 0"),
+        (dict(grad_iterations=0), r"hybrid: grad_iterations must be >= 1 \(or null: all\), got 0"),
+        (dict(thought_layers=3), r"thought_layers=3 exceeds the model's 2 layers; lower it or set add_thought_layers"),
+        (dict(endthought_id=999), r"endthought_id 999 is outside the vocabulary \(256\)"),
+        (dict(iteration=2), r"Unknown option\(s\) \['iteration'\] for attention 'hybrid'"),
+    ],
+)
+def test_bad_options_are_one_line_errors(options, match):
+    with pytest.raises(ValueError, match=match) as e:
+        hybrid(**options)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "prefix_len, match",
+    [
+        (torch.tensor([11]), r"hybrid: prefix_len 11 exceeds the 10 tokens of the sequence"),
+        (torch.tensor([-1]), r"hybrid: prefix_len must be >= 0, got -1"),
+        (torch.tensor([2, 3]), r"prefix_len must be integers of shape \(1,\), one per row"),
+        (torch.tensor([2.0]), r"prefix_len must be integers of shape \(1,\), one per row"),
+    ],
+)
+def test_bad_prefix_lengths_are_one_line_errors(prefix_len, match):
+    with pytest.raises(ValueError, match=match):
+        hybrid()(torch.randint(0, 200, (1, 10)), prefix_len=prefix_len)
