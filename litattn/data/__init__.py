@@ -12,6 +12,8 @@ from litattn.data.instructions import (
     truncate,
 )
 from litattn.data.passkey_mix import PasskeyMix
+from litattn.data.prefix import SampledPrefix
+from litattn.data.prefix_tasks import PrefixTask
 from litattn.data.pydoc_qa import PyDocQA
 from litattn.data.stdlib import StdlibCorpus
 from litattn.data.text_files import TextFiles
@@ -26,8 +28,10 @@ __all__ = [
     "InstructionData",
     "InstructionDataset",
     "PasskeyMix",
+    "PrefixTask",
     "PyDocQA",
     "SETPlacement",
+    "SampledPrefix",
     "StdlibCorpus",
     "TextFiles",
     "TokenWindows",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +43,50 @@ class DataModule(ABC):
         """The data module at the core of any wrappers (InjectTokens, PasskeyMix): what kind of data this is."""
         inner = getattr(self, "data", None) or getattr(self, "corpus", None)
         return inner.innermost() if isinstance(inner, DataModule) else self
+
+
+class EpochDataset(Dataset):
+    """A wrapped dataset whose item i is drawn afresh each epoch from (salt, seed, split, epoch, i) alone: the same
+    in every process, on resume and on every rank. Subclasses define `draw(item, i)`.
+
+    `set_epoch(epoch)` (the training loop calls it before each step) selects the epoch's draws and passes the
+    epoch on to a wrapped dataset that has it; one made with `fixed_epoch=True` (validation) stays at epoch 0.
+    """
+
+    salt = "litattn"  # one per subclass, so two wrappers never draw the same numbers
+
+    def __init__(self, dataset: Dataset, seed: int, split: str, epoch: int = 0, fixed_epoch: bool = False) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.split = split
+        self.epoch = epoch
+        self.fixed_epoch = fixed_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.fixed_epoch:
+            self.epoch = int(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def generator(self, i: int) -> torch.Generator:
+        """The CPU generator item i's draws come from: seeded by a hash of (salt, seed, split, epoch, i)."""
+        key = f"{self.salt}\0{self.seed}\0{self.split}\0{self.epoch}\0{i}"
+        digest = hashlib.sha256(key.encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"item {i} out of range for {n} items")
+        return self.draw(self.dataset[i], i)
+
+    def draw(self, item: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

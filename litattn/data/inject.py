@@ -56,7 +56,6 @@ epoch, so the validation loss compares across epochs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +67,7 @@ from torch.utils.data import Dataset
 
 from litattn import tokens as tk
 from litattn.args import check_range, check_seed
-from litattn.data.base import DataModule
+from litattn.data.base import DataModule, EpochDataset
 from litattn.data.stdlib import StdlibCorpus
 from litattn.tokenizer import Tokenizer
 from litattn.tokens import SetKind
@@ -251,42 +250,20 @@ class InjectTokens(DataModule):
         return self._injector
 
 
-class InjectedDataset(Dataset):
-    """A dataset's items with tokens inserted by an `Injector`; item i depends on (seed, split, epoch, i) alone.
+class InjectedDataset(EpochDataset):
+    """A dataset's items with tokens inserted by an `Injector`; item i depends on (seed, split, epoch, i) alone
+    (validation: `fixed_epoch=True`, always as at epoch 0)."""
 
-    `set_epoch(epoch)` (called by the training loop before each step) selects the epoch's draws; a dataset made
-    with `fixed_epoch=True` (validation) keeps epoch 0 and ignores it.
-    """
+    salt = "litattn.inject"
 
     def __init__(
         self, dataset: Dataset, injector: Injector, seed: int, split: str, epoch: int = 0, fixed_epoch: bool = False
     ) -> None:
-        self.dataset = dataset
+        super().__init__(dataset, seed, split, epoch, fixed_epoch)
         self.injector = injector
-        self.seed = seed
-        self.split = split
-        self.epoch = epoch
-        self.fixed_epoch = fixed_epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        if not self.fixed_epoch:
-            self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def generator(self, i: int) -> torch.Generator:
-        """The CPU generator item i's draws come from: seeded by a hash of (seed, split, epoch, i)."""
-        digest = hashlib.sha256(f"litattn.inject\0{self.seed}\0{self.split}\0{self.epoch}\0{i}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"item {i} out of range for {n} items")
-        return self.injector(self.dataset[i], self.generator(i))
+    def draw(self, item: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+        return self.injector(item, self.generator(i))
 
     @property
     def prompt_ids(self):
