@@ -111,10 +111,7 @@ def perplexity(
         rows.append(row)
 
     result = {
-        "checkpoint_dir": str(checkpoint_dir),
-        "attention": config.attention,
-        "data": data.describe(),
-        "precision": precision,
+        **_describe_run(checkpoint_dir, config, data, precision),
         "micro_batch_size": micro_batch_size,
         "max_batches": max_batches,
         "results": rows,
@@ -124,6 +121,16 @@ def perplexity(
     atomic_write_text(out_file, json.dumps(result, indent=2) + "\n")
     print(f"Saved {out_file}")
     return result
+
+
+def _describe_run(checkpoint_dir: Path, config, data: DataModule, precision: str) -> dict[str, Any]:
+    """What every evaluation result records of its inputs."""
+    return {
+        "checkpoint_dir": str(checkpoint_dir),
+        "attention": config.attention,
+        "data": data.describe(),
+        "precision": precision,
+    }
 
 
 def too_long(length: int, max_len: int, config) -> str:
@@ -329,10 +336,7 @@ def streaming_perplexity(
         rows.append(row)
 
     result = {
-        "checkpoint_dir": str(checkpoint_dir),
-        "attention": config.attention,
-        "data": data.describe(),
-        "precision": precision,
+        **_describe_run(checkpoint_dir, config, data, precision),
         "length": length,
         "block_size": config.block_size,
         "stream_window": stream_window,

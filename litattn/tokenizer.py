@@ -101,7 +101,9 @@ class Tokenizer:
         if name not in self.special_tokens:
             raise ValueError(
                 f"The tokenizer in {str(self.checkpoint_dir)!r} has no {name} token (only tokenizers trained by "
-                f"litattn reserve the special-token table); train a tokenizer with litattn or add the token"
+                f"litattn reserve the special-token table, e.g. <|disrupt|> and <|set_0|>..<|set_{N_SET - 1}|> for "
+                "Disrupt/SET); use a tokenizer trained by litattn, or add the token to the tokenizer and the model's "
+                "vocabulary"
             )
         return self.special_tokens[name]
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from litattn.tokenizer import N_SET, SPECIAL_TOKENS
+from litattn.tokenizer import N_SET
 
 if TYPE_CHECKING:
     import random
@@ -116,28 +116,15 @@ def pool(kind: SetKind) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------- ids
-def reserved_id(tokenizer: Tokenizer, name: str) -> int:
-    """The id of one of litattn's reserved tokens; a one-line error that says what to do if the tokenizer has none."""
-    if name not in SPECIAL_TOKENS:
-        raise ValueError(f"{name!r} is not a litattn special token; known: {', '.join(SPECIAL_TOKENS)}")
-    if name not in tokenizer.special_tokens:
-        raise ValueError(
-            f"The tokenizer in {str(tokenizer.checkpoint_dir)!r} has no {name} token, which Disrupt/SET tokens need: "
-            f"use a tokenizer trained by litattn (Tokenizer.train reserves <|disrupt|> and <|set_0|>..<|set_"
-            f"{N_SET - 1}|>), or add the token to the tokenizer and the model's vocabulary"
-        )
-    return tokenizer.special_tokens[name]
-
-
 def disrupt_id(tokenizer: Tokenizer) -> int:
     """The id of `<|disrupt|>`."""
-    return reserved_id(tokenizer, DISRUPT)
+    return tokenizer.special_id(DISRUPT)
 
 
 def set_ids(tokenizer: Tokenizer, kind: SetKind | None = None) -> list[int]:
     """The token ids of the SET tokens of one kind, in pool order; kind None: the whole pool (set_0 .. set_15)."""
     indices = range(N_SET) if kind is None else pool(kind)
-    return [reserved_id(tokenizer, set_name(i)) for i in indices]
+    return [tokenizer.special_id(set_name(i)) for i in indices]
 
 
 # ---------------------------------------------------------------------------------- samples
@@ -179,7 +166,7 @@ def encode_sample(
             else:
                 i = set_index.randrange(POOL_SIZE)
             seen[piece.kind] += 1
-            ids.append(reserved_id(tokenizer, piece.name(i)))
+            ids.append(tokenizer.special_id(piece.name(i)))
         else:
             raise TypeError(
                 f"A sample holds str, DisruptToken and SETToken pieces, got {type(piece).__name__}: {piece!r}"
@@ -264,7 +251,6 @@ __all__ = [
     "disrupt_id",
     "encode_sample",
     "pool",
-    "reserved_id",
     "segment_ids",
     "set_ids",
     "set_name",

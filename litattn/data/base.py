@@ -45,6 +45,15 @@ class DataModule(ABC):
         return inner.innermost() if isinstance(inner, DataModule) else self
 
 
+def item_index(i: int, n: int, what: str) -> int:
+    """Index i of n items as a non-negative index (negative ones count from the end); IndexError out of range."""
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"{what} {i} out of range for {n} {what}s")
+    return i
+
+
 class EpochDataset(Dataset):
     """A wrapped dataset whose item i is drawn afresh each epoch from (salt, seed, split, epoch, i) alone: the same
     in every process, on resume and on every rank. Subclasses define `draw(item, i)`.
@@ -78,11 +87,7 @@ class EpochDataset(Dataset):
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"item {i} out of range for {n} items")
+        i = item_index(i, len(self), "item")
         return self.draw(self.dataset[i], i)
 
     def draw(self, item: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
@@ -131,11 +136,7 @@ class TokenWindows(Dataset):
         return (self.n_tokens - 1) // self.seq_len
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"window {i} out of range for {n} windows")
+        i = item_index(i, len(self), "window")
         start = i * self.seq_len
         window = torch.from_numpy(self.data[start : start + self.seq_len + 1].astype(np.int64))  # (seq_len + 1,)
         return {"input_ids": window[:-1], "labels": window[1:]}  # (seq_len,), (seq_len,)

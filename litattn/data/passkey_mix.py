@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from litattn import passkey as pk
 from litattn.args import check_range, check_seed
-from litattn.data.base import DataModule, TokenWindows
+from litattn.data.base import DataModule, TokenWindows, item_index
 from litattn.data.stdlib import StdlibCorpus
 from litattn.data.text_files import _unit_hash
 from litattn.tokenizer import Tokenizer
@@ -140,11 +140,7 @@ class PasskeyWindows(Dataset):
         return _unit_hash(_salt(self.seed, f"window\0{i}")) < self.fraction
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"window {i} out of range for {n} windows")
+        i = item_index(i, len(self), "window")
         item = self.corpus[i]
         if not self.is_passkey(i):
             return item
