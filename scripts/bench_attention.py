@@ -280,6 +280,10 @@ def main() -> None:
     parser.add_argument("--segment_every", type=int, default=None, help="a Disrupt segment every N tokens")
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)  # internal: one memory measurement
     args = parser.parse_args()
+    for name in ("repeats", "batch_size", "threads", "heads", "segment_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
     args.dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)

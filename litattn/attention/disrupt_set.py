@@ -130,34 +130,44 @@ class DisruptSET(AttentionMechanism):
         mask_mod = self.mask_mod(ctx)
         if mask_mod is None or ctx.observer is not None or q.is_cuda or self.options.kernel == "flex":
             return super().attend(q, k, v, ctx)  # causal, observed, or FlexAttention's block-sparse mask
-        return _segment_bands(q, k, v, mask_mod, ctx.slots, self._key_segments(ctx), ctx.metadata["segment_ids"],
-                              self.options.num_sink)  # fmt: skip
+        plan = ctx.memoize(  # the same blocks and masks in every layer: built once per forward
+            "disrupt_set.bands",
+            lambda: _band_plan(mask_mod, ctx.slots, self._key_segments(ctx), self.options.num_sink, q.device),
+        )
+        return _segment_bands(q, k, v, plan)
 
 
-def _segment_bands(q, k, v, mask_mod, slots, k_seg, q_seg, num_sink: int) -> torch.Tensor:
-    """Query blocks on SDPA, each over the sinks and the key band [earliest segment start of the block, its last
-    query's slot]: keys outside it are masked for every query of the block (other segments, the future).
-    q (B, H, T, D), k and v (B, Hkv, S, D); slots (T,) the queries' key slots; k_seg (B, S), q_seg (B, T)."""
-    B, H, T, D = q.shape
-    S = k.shape[2]
-    gqa = H != k.shape[1]
+def _band_plan(mask_mod, slots, k_seg, num_sink: int, device) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Per block of queries [q0, q1): the key slots it reads (the sinks below its band, then the band from the
+    earliest segment start of its queries to its last query's slot) and its mask over them (B', 1, block, keys).
+    slots (T,) the queries' key slots; k_seg (B, S) the keys' segments (non-decreasing along a row)."""
+    B, S = k_seg.shape
+    T = slots.shape[0]
     if S > 1 and bool((k_seg[:, 1:] < k_seg[:, :-1]).any()):
         raise ValueError("disrupt_set: segment_ids must not decrease along a sequence (a count of Disrupt tokens)")
     # the first key slot of each key's segment: the band of a query starts at its own segment's first key
-    key_idx = torch.arange(S, device=k.device)
+    key_idx = torch.arange(S, device=device)
     new_segment = torch.ones_like(k_seg, dtype=torch.bool)
     new_segment[:, 1:] = k_seg[:, 1:] != k_seg[:, :-1]
     segment_start = torch.where(new_segment, key_idx, 0).cummax(dim=1).values  # (B, S)
     starts = segment_start.gather(1, slots.clamp(max=S - 1).expand(B, -1)).amin(dim=0)  # (T,) over the batch
-    outs = []
+    plan = []
     for q0 in range(0, T, QUERY_BLOCK):
         q1 = min(T, q0 + QUERY_BLOCK)
         lo, hi = int(starts[q0:q1].min()), int(slots[q0:q1].max()) + 1
         sink = min(num_sink, lo)  # sink slots below the band (those inside it are in the band anyway)
         keys = torch.cat([key_idx[:sink], key_idx[lo:hi]])
-        q_idx = torch.arange(q0, q1, device=q.device)
-        allowed = masks.materialize(mask_mod, B, q_idx, S, q.device, kv_idx=keys)  # (B', 1, block, keys)
-        kb = torch.cat([k[:, :, :sink], k[:, :, lo:hi]], dim=2) if sink else k[:, :, lo:hi]
-        vb = torch.cat([v[:, :, :sink], v[:, :, lo:hi]], dim=2) if sink else v[:, :, lo:hi]
+        q_idx = torch.arange(q0, q1, device=device)
+        plan.append((q0, q1, keys, masks.materialize(mask_mod, B, q_idx, S, device, kv_idx=keys)))
+    return plan
+
+
+def _segment_bands(q, k, v, plan) -> torch.Tensor:
+    """Query blocks on SDPA, each over its key slots of `_band_plan` (keys outside them are masked for every
+    query of the block: other segments, the future). q (B, H, T, D), k and v (B, Hkv, S, D)."""
+    gqa = q.shape[1] != k.shape[1]
+    outs = []
+    for q0, q1, keys, allowed in plan:
+        kb, vb = k.index_select(2, keys), v.index_select(2, keys)
         outs.append(F.scaled_dot_product_attention(q[:, :, q0:q1], kb, vb, attn_mask=allowed, enable_gqa=gqa))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
