@@ -54,15 +54,15 @@ class Run:
 
 def ablate(
     base: Path,
-    variants: dict[str, dict[str, Any]],
+    variants: dict[str, dict],
     seeds: list[int] = (1, 2, 3),
     budget: dict[str, int] | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: dict | None = None,
     out_dir: Path = Path("out/ablations/run"),
     entry_point: str = "pretrain",
     baseline: str | None = None,
     parallel: int = 1,
-    evaluate: dict[str, Any] | None = None,
+    evaluate: dict | None = None,
     dry_run: bool = False,
 ) -> Path:
     """Run every variant x seed of an ablation and write results.csv, results.md and plots.
@@ -105,7 +105,11 @@ def ablate(
     for variant in variants:  # a misspelt key in a variant fails now, not after an hour of other runs
         _validate(entry_point, configs[f"{variant}/seed-{seeds[0]}"], variant)
 
-    evaluations = ablate_evaluate.plan(evaluate, runs) if evaluate is not None else []
+    if evaluate is not None:
+        trained = {v: ((configs[f"{v}/seed-{seeds[0]}"].get("model") or {}).get("attention")) for v in variants}
+        evaluations = ablate_evaluate.plan(evaluate, runs, {v: a for v, a in trained.items() if isinstance(a, dict)})
+    else:
+        evaluations = []
 
     print(f"Ablation {out_dir}: {len(variants)} variants x {len(seeds)} seeds, budget {budget or 'as in the recipe'}")
     for run in runs:

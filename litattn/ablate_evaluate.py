@@ -7,6 +7,8 @@ several attention specs (e.g. causal against Self-Extend beyond the trained cont
         se-g4-w64: {name: self_extend, group_size: 4, window: 64}
       perplexity: {lengths: [256, 512], max_batches: 4, context: 512}   # `litattn evaluate perplexity` arguments
       passkey: {lengths: [256, 512], trials: 4, context: 512}           # `litattn evaluate passkey` arguments
+      variants: [se-g4]           # evaluate only these variants' runs (default: all), e.g. where a spec's
+                                  # options belong to one mechanism
 
 Each evaluation is its own `litattn evaluate <kind> --config <run>/eval/<label>/<kind>.yaml` process writing
 `<kind>.json` beside it; one whose JSON exists is skipped, so a rerun finishes only what is missing.
@@ -65,24 +67,39 @@ class Evaluation:
         return config
 
 
-def plan(spec: dict[str, Any], runs: list) -> list[Evaluation]:
-    """The evaluations of every run, checked (keys, attention specs, each subcommand's arguments) before any work."""
+def plan(spec: dict[str, Any], runs: list, trained_attention: dict[str, dict] | None = None) -> list[Evaluation]:
+    """The evaluations of every run, checked (keys, attention specs, each subcommand's arguments) before any work.
+
+    trained_attention: variant -> the attention spec its runs train with, where the recipe sets one; a spec
+    without a `name` (options that update the checkpoint's spec) is checked merged into each chosen variant's.
+    """
     if not isinstance(spec, dict):
         raise ValueError(f"evaluate must be a mapping of attention, perplexity and passkey, got {spec!r}")
-    unknown = sorted(set(spec) - {"attention", *KINDS})
+    unknown = sorted(set(spec) - {"attention", "variants", *KINDS})
     if unknown:
-        raise ValueError(f"evaluate has unknown keys {unknown}; it takes attention, {', '.join(KINDS)}")
+        raise ValueError(f"evaluate has unknown keys {unknown}; it takes attention, variants, {', '.join(KINDS)}")
     kinds = [k for k in KINDS if k in spec]
     if not kinds:
         raise ValueError(f"evaluate names no evaluation: give the arguments of one of {list(KINDS)}")
     attention = spec.get("attention") or {"own": None}
     if not isinstance(attention, dict):
         raise ValueError(f"evaluate.attention must map labels to attention specs, got {attention!r}")
+    names = list(dict.fromkeys(run.variant for run in runs))
+    chosen = spec.get("variants") or names
+    if not isinstance(chosen, list) or any(v not in names for v in chosen):
+        raise ValueError(f"evaluate.variants must be a list of this ablation's variants {names}, got {chosen!r}")
     for label, att in attention.items():
-        if att is not None:
+        if att is None:
+            continue
+        if not isinstance(att, dict) or "name" in att:
             _check_attention(label, att)
+            continue
+        for variant in chosen:  # options alone: valid for every chosen variant's mechanism
+            trained = (trained_attention or {}).get(variant)
+            if trained is not None and "name" in trained:
+                _check_attention(label, {**trained, **att}, f" (with variant {variant!r}'s {trained['name']!r})")
     evaluations = []
-    for run in runs:
+    for run in (r for r in runs if r.variant in chosen):
         for kind in kinds:
             arguments = dict(spec[kind] or {})
             if "attention" in arguments or "checkpoint_dir" in arguments:
@@ -94,13 +111,13 @@ def plan(spec: dict[str, Any], runs: list) -> list[Evaluation]:
     return evaluations
 
 
-def _check_attention(label: str, spec: Any) -> None:
+def _check_attention(label: str, spec: Any, where: str = "") -> None:
     from litattn.attention.registry import normalize_attention_spec, split_spec
 
     try:
         split_spec(normalize_attention_spec(spec))
     except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"evaluate.attention.{label}: {e}") from None
+        raise ValueError(f"evaluate.attention.{label}{where}: {e}") from None
 
 
 def _check_arguments(evaluation: Evaluation) -> None:

@@ -130,6 +130,10 @@ class GPT(nn.Module):
         x = self.mechanism.run_blocks(self.transformer.h, x, ctx)
         return self.transformer.ln_f(x)
 
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of the last block (B, T, n_embd) -> logits (B, T, padded_vocab_size)."""
+        return self.lm_head(self.transformer.ln_f(x))
+
     def loss(
         self, idx: torch.Tensor, targets: torch.Tensor, *, chunk_size: int | None = None, **metadata: Any
     ) -> torch.Tensor:
@@ -189,6 +193,7 @@ class GPT(nn.Module):
             kv_len=kv_len,
             metadata=dict(metadata),
             idx=idx,
+            head=self._head,
         )
         self.mechanism.prepare_context(ctx)
         return ctx

@@ -187,6 +187,7 @@ def test_evaluation_tables_from_result_files(tmp_path):
         ({"attention": {"x": {"name": "nope"}}, "passkey": {}}, "evaluate.attention.x: Unknown attention mechanism"),
         ({"passkey": {"trails": 3}}, "evaluate.passkey is not valid"),
         ({"attention": {"x": {"name": "causal"}}}, "names no evaluation"),
+        ({"variants": ["casual"], "passkey": {}}, "evaluate.variants must be a list of this ablation's variants"),
     ],
 )
 def test_a_bad_evaluate_section_fails_before_any_run(tmp_path, evaluate, message):
@@ -199,6 +200,22 @@ def test_a_bad_evaluate_section_fails_before_any_run(tmp_path, evaluate, message
             evaluate=evaluate,
         )
     assert not any(tmp_path.iterdir())
+
+
+def test_evaluate_variants_chooses_whose_runs_are_evaluated(tmp_path):
+    from litattn import ablate_evaluate
+    from litattn.ablate import Run
+
+    runs = [Run(v, seed, tmp_path / v / f"seed-{seed}") for v in ("a", "b", "c") for seed in (1, 2)]
+    evaluations = ablate_evaluate.plan({"variants": ["c", "a"], "passkey": {}}, runs)
+    assert [(e.run.variant, e.run.seed) for e in evaluations] == [("a", 1), ("a", 2), ("c", 1), ("c", 2)]
+    assert len(ablate_evaluate.plan({"passkey": {}}, runs)) == 6  # default: every run
+    # options without a name are checked against each chosen variant's mechanism
+    trained = {"a": {"name": "hybrid"}, "b": {"name": "causal"}, "c": {"name": "hybrid", "iterations": 2}}
+    grad = {"attention": {"g": {"refine_steps": 2}}, "passkey": {}}
+    assert len(ablate_evaluate.plan({**grad, "variants": ["a", "c"]}, runs, trained)) == 4
+    with pytest.raises(ValueError, match=re.escape("evaluate.attention.g (with variant 'b''s 'causal'): Unknown opt")):
+        ablate_evaluate.plan(grad, runs, trained)
 
 
 def test_epoch_tables_show_validation_and_gap_at_epoch_ends(tmp_path):

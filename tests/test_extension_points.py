@@ -214,3 +214,15 @@ def test_a_sub_pass_never_sees_another_pass_mask():
     assert built is not full
     dense = masks.materialize(built, 1, torch.arange(6), 6, "cpu")[0, 0]
     assert dense.shape == (6, 6) and dense.tril().equal(dense)
+
+
+# ---------------------------------------------------------------------------------- output head
+def test_the_context_hands_a_layer_loop_the_output_head():
+    """A layer loop that scores its own states (hybrid's gradient refinement) reads the model's final norm and
+    head from the context: applied to the last block's output it gives the model's logits."""
+    model = tiny().eval()
+    idx = torch.randint(0, 200, (2, 9))
+    with torch.no_grad():
+        ctx = model._context(idx, None, None, {})
+        h = model.mechanism.run_blocks(model.transformer.h, model.transformer.wte(idx), ctx)
+        torch.testing.assert_close(ctx.head(h), model(idx))

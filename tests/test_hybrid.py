@@ -191,6 +191,7 @@ def test_the_prefix_ends_after_the_first_endthought_token():
         dict(iterations=3, reweighting=True, interpolation=True),
         dict(iterations=4, thought_layers=2, add_thought_layers=True, interpolation=True, grad_iterations=1),
         dict(iterations=2, thought_layers=2, reweighting=True),  # every block thinks
+        dict(iterations=2, reweighting=True, refine_steps=2, refine_lr=0.1),  # gradient refinement in the prefill
     ],
 )
 def test_cached_decoding_equals_the_full_forward(options):
@@ -239,6 +240,74 @@ def test_a_prefix_split_over_two_forwards_is_an_error():
         model(idx[:, :4], input_pos=torch.arange(4), prefix_len=torch.tensor([4]))
         with pytest.raises(ValueError, match="reaches past slot 4, where this forward starts"):
             model(idx[:, 4:6], input_pos=torch.arange(4, 6), prefix_len=torch.tensor([6]))
+
+
+# ---------------------------------------------------------------------------------- gradient refinement
+def replace_input(block, columns):
+    """A forward pre-hook on `block` that replaces the first columns of its input by `columns` (B, L, C)."""
+
+    def hook(module, args):
+        x, *rest = args
+        return (torch.cat([columns, x[:, columns.shape[1] :]], dim=1), *rest)
+
+    return block.register_forward_pre_hook(hook)
+
+
+def test_gradient_refinement_equals_steps_on_the_causal_prefix_loss():
+    """Reference: the prefix states the plain model hands its remaining block (captured by a hook), stepped by hand
+    along the gradient of the causal model's next-token loss on each row's prefix, then fed to that block."""
+    steps, lr = 2, 0.1
+    options = dict(thought_layers=1, iterations=2, reweighting=True)
+    causal = tiny("causal").eval()
+    plain = activate(same_weights(hybrid(**options), causal)).eval()
+    refined = activate(same_weights(hybrid(**options, refine_steps=steps, refine_lr=lr), causal)).eval()
+    g = torch.Generator().manual_seed(8)
+    idx = torch.randint(END + 1, 200, (2, 14), generator=g)
+    prefix_len = torch.tensor([9, 5])
+    rest = plain.transformer.h[1]
+    captured = []
+    handle = rest.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    with torch.no_grad():
+        plain(idx, prefix_len=prefix_len)
+    handle.remove()
+    expected, before, after = [], [], []
+    for row, P in enumerate(prefix_len.tolist()):
+        z = captured[0][row : row + 1, :P]
+        for step in range(steps + 1):
+            z = z.detach().requires_grad_(True)
+            handle = replace_input(causal.transformer.h[1], z)
+            logits = causal(idx[row : row + 1, :P])  # block 1 reads z causally, the head scores it
+            handle.remove()
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], idx[row, 1:P], reduction="sum")
+            if step == 0:
+                before.append(loss.item())
+            if step == steps:
+                after.append(loss.item())
+                break
+            (grad,) = torch.autograd.grad(loss, z)
+            z = z - lr * z.norm(dim=-1, keepdim=True) * grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        expected.append(z.detach())
+    with torch.no_grad():
+        got = refined(idx, prefix_len=prefix_len)
+        for row in range(len(prefix_len)):
+            handle = replace_input(plain.transformer.h[1], expected[row])
+            reference = plain(idx[row : row + 1], prefix_len=prefix_len[row : row + 1])
+            handle.remove()
+            torch.testing.assert_close(got[row : row + 1], reference, atol=1e-4, rtol=0)
+    assert all(a < b for a, b in zip(after, before, strict=True))  # the steps lower the prefix loss
+    assert not torch.allclose(got, plain(idx, prefix_len=prefix_len))  # and change the output
+
+
+def test_gradient_refinement_runs_only_outside_training():
+    options = dict(iterations=2, refine_steps=3, refine_lr=0.2)
+    plain, refined = hybrid(iterations=2), hybrid(**options)
+    refined.load_state_dict(plain.state_dict())
+    idx = torch.randint(END + 1, 200, (2, 12))
+    prefix_len = torch.tensor([6, 4])
+    torch.testing.assert_close(refined.train()(idx, prefix_len=prefix_len), plain.train()(idx, prefix_len=prefix_len))
+    with torch.no_grad():  # the steps take gradients even where the caller has them off
+        assert not torch.allclose(refined.eval()(idx, prefix_len=prefix_len), plain.eval()(idx, prefix_len=prefix_len))
+    assert all(p.grad is None for p in refined.parameters())  # and leave the weights' gradients alone
 
 
 # ---------------------------------------------------------------------------------- training
@@ -344,6 +413,8 @@ def test_instruction_items_carry_the_prompt_as_prefix_and_trimming_keeps_the_los
         (dict(grad_iterations=0), r"hybrid: grad_iterations must be >= 1 \(or null: all\), got 0"),
         (dict(thought_layers=3), r"thought_layers=3 exceeds the model's 2 layers; lower it or set add_thought_layers"),
         (dict(endthought_id=999), r"endthought_id 999 is outside the vocabulary \(256\)"),
+        (dict(refine_steps=-1), r"hybrid: refine_steps must be >= 0 \(0: no gradient refinement\), got -1"),
+        (dict(refine_lr=0.0), r"hybrid: refine_lr must be > 0, got 0.0"),
         (dict(iteration=2), r"Unknown option\(s\) \['iteration'\] for attention 'hybrid'"),
     ],
 )

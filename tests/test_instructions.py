@@ -11,7 +11,7 @@ import torch
 
 from litattn.data import ALPACA_PROMPT, AlpacaJSON, InstructionDataset, PyDocQA, format_prompt, truncate
 from litattn.data import pydoc_qa as pydoc_qa_module
-from litattn.data.pydoc_qa import first_paragraph, module_examples, signature
+from litattn.data.pydoc_qa import _example, first_paragraph, module_examples, signature
 from litattn.tokenizer import Tokenizer
 from litattn.training import collate
 
@@ -281,6 +281,10 @@ def test_signature_and_first_paragraph():
         ("What does `pkg.mod.C(x, *, y=None)` do?", "A class with an init. Second line of the paragraph."),
         ("What does `pkg.mod.D` do?", "A class without an init of its own."),
     ]  # g's docstring is too short, _private is private
+    # with_source: the definition's code is the input, without its own docstring (the answer), the tree unchanged
+    assert records[1]["source"] == "class C:\n\n    def __init__(self, x, *, y=None):\n        pass"
+    assert records[0]["source"] == "def f(a):\n    pass" and ast.get_docstring(tree.body[-1])
+    assert _example(records[1], with_source=True).input == records[1]["source"] and not _example(records[1]).input
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,9 @@ class AttentionContext:
     observer: Any = None
     """An AttentionObserver (litattn.attention.observers): attention then runs explicitly, one query chunk at
     a time, and each chunk's probabilities go to observer.observe(application, q_start, probs)."""
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Final norm + output head: hidden states (B, T, n_embd) -> logits (B, T, padded_vocab_size), for a layer
+    loop that scores its own intermediate states (hybrid's gradient refinement)."""
     applied_blocks: list[int] = field(default_factory=list)
     """Indexes of the blocks applied so far in this forward, in order (a layer loop may repeat blocks)."""
     memo: dict[str, Any] = field(default_factory=dict, init=False)

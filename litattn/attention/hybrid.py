@@ -56,10 +56,17 @@ prefix a kept position reads. A `prefix_len` longer than the batch's sequence is
 Counted as FLOPs: `block_applications` counts every thought-block application as a pass over the whole
 sequence (an upper bound: iterations 1 .. n-1 only cover the prefix columns; with `random_iterations`, n of them).
 
-Not here: the proposal's gradient-based refinement (inference-time gradient steps on the prefix states that
-lower the model's own loss on the prefix tokens). Under this mask every prefix position sees the token it would
-predict, so that loss is degenerate unless scored by a separate causal pass; and the layer loop receives the
-blocks, not the output head, so it needs a hook (the head in the context) before it can be built.
+Gradient refinement (`refine_steps`, the proposal's inference-time third operation; evaluation and generation
+only): before the remaining blocks run, the refined prefix states z_n take a few gradient steps that lower the
+model's own next-token loss on the prefix tokens,
+    z_i <- z_i - refine_lr * |z_i| * g_i / |g_i|,   g = d/dz sum_{i < P-1} CE(head(rest(z))_i, token_{i+1})
+scored by a separate pass of the remaining blocks over the prefix columns under the CAUSAL mask (prefix_len 0):
+under the prefix mask each prefix position sees the token it is asked to predict, so that loss would say nothing.
+The output head comes from the context (`AttentionContext.head`). The steps are normalised per token so
+refine_lr is a fraction of each state's norm, whatever the model's scale. Each step costs a forward and a
+backward of the remaining blocks over the prefix; `block_applications` does not count them (no training FLOPs).
+The last prefix state predicts no prefix token, so it never moves. Cached decoding still equals the full forward:
+the refinement reads the prefix columns alone, in the prefill.
 """
 
 from __future__ import annotations
@@ -108,6 +115,13 @@ class HybridOptions(AttentionOptions):
     random_iterations: bool = False
     """In training, each optimizer step runs a number of iterations drawn uniformly from 1 .. n, a pure function
     of the run's seed and the step (the same on every rank and after --resume); evaluation always runs n."""
+    refine_steps: int = 0
+    """Inference-time gradient refinement: this many gradient steps on the refined prefix states that lower the
+    model's own next-token loss on the prefix, scored by a causal pass of the remaining blocks and the output
+    head (evaluation and generation only; 0: off)."""
+    refine_lr: float = 0.05
+    """Step size of the gradient refinement, relative: each step moves every prefix state by refine_lr times its
+    norm, along its normalised negative gradient."""
     endthought_id: int | None = None
     """Token id that ends a row's prefix when the batch has no `prefix_len` (the prefix ends after its first
     occurrence). None: `<|endthought|>` of a litattn tokenizer (id 21)."""
@@ -160,6 +174,12 @@ class HybridAttention(AttentionMechanism):
                 raise ValueError(f"hybrid: {name} must be >= 1, got {getattr(options, name)}")
         if options.grad_iterations is not None and options.grad_iterations < 1:
             raise ValueError(f"hybrid: grad_iterations must be >= 1 (or null: all), got {options.grad_iterations}")
+        if options.refine_steps < 0:
+            raise ValueError(
+                f"hybrid: refine_steps must be >= 0 (0: no gradient refinement), got {options.refine_steps}"
+            )
+        if not options.refine_lr > 0:
+            raise ValueError(f"hybrid: refine_lr must be > 0, got {options.refine_lr}")
         if options.endthought_id is not None and options.endthought_id < 0:
             raise ValueError(f"hybrid: endthought_id must be a token id >= 0 (or null), got {options.endthought_id}")
 
@@ -290,7 +310,33 @@ class HybridAttention(AttentionMechanism):
             z_old = torch.zeros_like(prefix) if z is None else z[:, :L]
             refined = self._refine(prefix, z_old, inside, first=z is None)
             h = torch.cat([torch.where(inside, refined, prefix), h[:, L:]], dim=1)
+        if L > 0 and self.options.refine_steps and not self.training:
+            h = torch.cat([self._gradient_refine(rest, h[:, :L], ctx), h[:, L:]], dim=1)
         return _apply(rest, h, ctx)
+
+    def _gradient_refine(self, rest: list[nn.Module], z: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """z (B, L, C) the refined prefix columns -> z after `refine_steps` normalised gradient steps on the
+        next-token loss of the prefix tokens, scored causally (prefix_len 0) by the remaining blocks and the head
+        over the prefix columns alone: no cache, no observer, and a row's result depends on its prefix only."""
+        inside = self._inside(ctx, z.shape[1])  # (B, L, 1)
+        targets = ctx.idx[:, 1 : z.shape[1]].masked_fill(~inside[:, 1:, 0], -100)  # a prefix token's successor
+        score_ctx = dataclasses.replace(
+            self._sub_context(ctx, z.shape[1]),
+            metadata={**ctx.metadata, "prefix_len": torch.zeros_like(ctx.metadata["prefix_len"])},
+            observer=None,
+            applied_blocks=[],
+        )
+        z = z.detach()
+        for _ in range(self.options.refine_steps):
+            with torch.enable_grad():
+                z.requires_grad_(True)
+                logits = ctx.head(_apply(rest, z, score_ctx))[:, :-1]
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+                (grad,) = torch.autograd.grad(loss, z)
+            z = z.detach()
+            step = grad * (z.norm(dim=-1, keepdim=True) / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+            z = torch.where(inside, z - self.options.refine_lr * step, z)
+        return z
 
     def _thought_and_rest(self, blocks: nn.ModuleList) -> tuple[list[nn.Module], list[nn.Module]]:
         if self.options.add_thought_layers:

@@ -8,6 +8,7 @@ modules are parsed with `ast`, never imported (importing runs code: `antigravity
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import re
 import sys
@@ -19,7 +20,7 @@ from litattn.data.stdlib import StdlibCorpus
 from litattn.data.text_files import held_out
 from litattn.utils import atomic_write_text, content_key
 
-PYDOC_QA_VERSION = 1
+PYDOC_QA_VERSION = 2
 """Bump when the way examples are built changes, so cached examples are rebuilt."""
 
 MIN_ANSWER_CHARS = 20
@@ -42,6 +43,9 @@ class PyDocQA(InstructionData):
     prefix: bool = False
     """Batches carry `prefix_len`, each question's (prompt's) length, for attention that reads it (hybrid: the
     prompt is the bidirectional prefix); the loss stays on the answer. Other mechanisms drop it with a warning."""
+    with_source: bool = False
+    """Give the definition's source code (its own docstring removed: that is the answer) as the example's input:
+    long prompts, for truncation experiments."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -63,8 +67,8 @@ class PyDocQA(InstructionData):
             )
         is_val = held_out(names, self.seed, self.val_fraction)
         val_modules = {m for m, v in zip(names, is_val, strict=True) if v}
-        train = [_example(r) for r in records if r["module"] not in val_modules]
-        val = [_example(r) for r in records if r["module"] in val_modules]
+        train = [_example(r, self.with_source) for r in records if r["module"] not in val_modules]
+        val = [_example(r, self.with_source) for r in records if r["module"] in val_modules]
         self._split = {"train": (len(train), len(names) - len(val_modules)), "val": (len(val), len(val_modules))}
         return train, val
 
@@ -143,9 +147,24 @@ def module_examples(module: str, tree: ast.Module) -> list[dict]:
             call = f"{module}.{name}({signature(node.args)})"
         kind = "class" if isinstance(node, ast.ClassDef) else "function"
         records.append(
-            {"module": module, "name": name, "kind": kind, "instruction": f"What does `{call}` do?", "output": answer}
+            {
+                "module": module,
+                "name": name,
+                "kind": kind,
+                "instruction": f"What does `{call}` do?",
+                "output": answer,
+                "source": source_without_docstring(node),
+            }
         )
     return records
+
+
+def source_without_docstring(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> str:
+    """The definition as code (ast.unparse: comments and layout normalised) without its own docstring."""
+    bare = copy.copy(node)  # shallow: the tree the caller holds keeps its docstring
+    if ast.get_docstring(node, clean=False) is not None:
+        bare.body = node.body[1:] or [ast.Pass()]
+    return ast.unparse(bare)
 
 
 def signature(args: ast.arguments, drop_first: bool = False) -> str:
@@ -195,8 +214,8 @@ def _stdlib_modules() -> dict[str, Path]:
     return out
 
 
-def _example(record: dict) -> Example:
-    return Example(instruction=record["instruction"], output=record["output"])
+def _example(record: dict, with_source: bool = False) -> Example:
+    return Example(instruction=record["instruction"], output=record["output"], input=record["source"] * with_source)
 
 
 def _plural(n: int, word: str) -> str:
