@@ -61,6 +61,8 @@ def commands() -> dict[str, Callable | dict[str, Callable]]:
     from litattn.generate import main as generate
     from litattn.passkey import passkey
     from litattn.pretrain.pretrain import setup as pretrain
+    from litattn.truncation import apply as truncate_apply
+    from litattn.truncation import build as truncate_build
     from litattn.visualize import attention as visualize_attention
 
     return {
@@ -71,6 +73,7 @@ def commands() -> dict[str, Callable | dict[str, Callable]]:
         "convert": {"from_hf": from_hf_main, "to_hf": to_hf_main},
         "evaluate": {"perplexity": perplexity, "passkey": passkey, "streaming": streaming_perplexity},
         "visualize": {"attention": visualize_attention},
+        "truncate": {"build": truncate_build, "apply": truncate_apply},
         "attention": {"list": attention_list},
         "model": {"list": model_list},
     }
