@@ -70,7 +70,8 @@ def setup(
         lora: Rank, scale, dropout and target layers of the adapters (method=lora).
         log: Logging, progress and samples; sample_prompt is an instruction (it is put in the prompt
             template); default: the first validation question.
-        precision: 32-true, bf16-mixed, bf16-true (16-mixed on CUDA).
+        precision: 32-true, bf16-mixed, bf16-true (16-mixed on CUDA). bf16 pays on a CPU only with native bf16
+            (AVX-512-BF16, AMX); elsewhere the run warns before training, with the measured matmul slowdown.
         accelerator: cpu, cuda, or auto.
         devices: Devices per node (or "auto").
         num_nodes: Number of nodes.

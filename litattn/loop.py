@@ -35,6 +35,7 @@ import torch
 
 from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs
 from litattn.config import Config
+from litattn.cpu import describe_machine, format_flops, warn_if_slow_bf16
 from litattn.data import DataModule
 from litattn.hooks import HookContext, TrainingHook
 from litattn.plan import TrainingPlan
@@ -47,7 +48,6 @@ from litattn.training import (
     flops_per_token,
     lr_at,
     make_optimizer,
-    measure_matmul_peak,
     peak_memory_bytes,
     set_lr,
 )
@@ -186,6 +186,7 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
     from litattn import checkpoint as ckpt
 
     t0 = time.perf_counter()
+    warn_if_slow_bf16(fabric)  # before any work: bf16 on a CPU that emulates it is many times slower than fp32
     config = plan.config
     train, eval, log, seed, out_dir = run.train, run.eval, run.log, run.seed, run.out_dir
     tokenizer, train_data, val_data = _prepare_data(fabric, plan, data, run, resume_dir)
@@ -627,12 +628,16 @@ def _summary(
     tokens_per_sec = throughput.tokens / max(elapsed, 1e-9)
     dtype = torch.bfloat16 if "bf16" in str(fabric.strategy.precision.precision) else torch.float32
     achieved = flops_per_token(model, seq_len) * tokens_per_sec / fabric.world_size
-    peak = measure_matmul_peak(fabric.device, dtype, seconds=0.3)
+    machine = describe_machine(fabric.device)  # the CPU's ISA and both matmul peaks, measured once per process
+    peak = machine["matmul_peak_bf16" if dtype == torch.bfloat16 else "matmul_peak_fp32"]
     memory = peak_memory_bytes(fabric.device)
     fabric.print(
         f"Done: {throughput.tokens:,} tokens in {elapsed:.1f}s = {tokens_per_sec:,.0f} tokens/s; "
         f"peak memory {memory / 2**30:.2f} GiB; "
-        f"MFU {achieved / peak:.1%} of {peak / 1e12:.2f} TFLOP/s measured matmul peak ({dtype}); "
+        f"MFU {achieved / peak:.1%} of {format_flops(peak)} measured matmul peak ({dtype}); "
+        f"CPU {machine['cpu_isa']}{' (native bf16)' if machine['cpu_native_bf16'] else ''}, "
+        f"{fabric.device.type} matmul peaks fp32 {format_flops(machine['matmul_peak_fp32'])}, "
+        f"bf16 {format_flops(machine['matmul_peak_bf16'])}; "
         + (f"{val_label} {val_loss:.4f} (ppl {math.exp(val_loss):.2f}); " if math.isfinite(val_loss) else "")
         + f"saved {out_dir / 'final'}"
     )
@@ -644,6 +649,7 @@ def _summary(
         "tokens_per_sec": tokens_per_sec,
         "peak_memory_bytes": memory,
         "mfu": achieved / peak,
+        **machine,
         "val_loss": val_loss if math.isfinite(val_loss) else None,
         "val_loss_is": val_label,
         "parameters": model.num_parameters(),

@@ -191,20 +191,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
-    """Achievable matmul FLOP/s on this device and dtype: the denominator of MFU."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b  # warm up
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or n < 2:
-        a @ b
-        n += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * size**3 * n / (time.perf_counter() - start)
-
-
 @dataclass
 class Throughput:
     """Elapsed time and tokens since the start of training (not since the epoch of 1970)."""

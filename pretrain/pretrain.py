@@ -55,7 +55,8 @@ def setup(
         eval: Validation schedule.
         optimizer: AdamW and LR schedule.
         log: Logging, progress and the final generated sample.
-        precision: 32-true, bf16-mixed, bf16-true (16-mixed on CUDA).
+        precision: 32-true, bf16-mixed, bf16-true (16-mixed on CUDA). bf16 pays on a CPU only with native bf16
+            (AVX-512-BF16, AMX); elsewhere the run warns before training, with the measured matmul slowdown.
         accelerator: cpu, cuda, or auto.
         devices: Devices per node (or "auto").
         num_nodes: Number of nodes.
