@@ -98,6 +98,15 @@ def _umask() -> int:
     return mask
 
 
+def file_digest(path: Path) -> str:
+    """A short key of a file's bytes (what a cache built from the file is keyed by)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def content_key(obj) -> str:
     """A short stable key of JSON-able data (cache directory and file names): equal data, equal key."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from litattn.data import prompt_truncation
 from litattn.data.base import DataModule
+from litattn.data.prompt_truncation import SCORED
 from litattn.data.text_files import held_out
 from litattn.tokenizer import Tokenizer
 from litattn.utils import atomic_write, content_key, remove_stale_temps
@@ -43,9 +45,10 @@ ALPACA_PROMPT: dict[str, str] = {
 }
 """The prompt template (Alpaca style): the variant with an input when an example has one, else the shorter one."""
 
-Truncation = Literal["right", "left"]
+Truncation = Literal["right", "left", "attention", "attention_live", "idf"]
 """How an example longer than seq_len + 1 tokens is cut: "right" drops the end of the response, "left" the start
-of the prompt."""
+of the prompt; "attention", "attention_live" and "idf" drop the prompt's least important tokens, by a dictionary,
+by the scorer model on the prompt itself, or by idf (litattn/data/prompt_truncation.py)."""
 
 INSTRUCTION_FORMAT_VERSION = 1
 """Bump when tokenization of examples changes, so cached token ids are rebuilt."""
@@ -92,6 +95,8 @@ def truncate(
     The inputs are sliced, so lists stay lists and arrays stay arrays.
     """
     check_truncation(strategy)
+    if strategy in SCORED:
+        raise ValueError(f"truncation {strategy!r} needs token scores: InstructionData.setup applies it")
     if max_len < 1:
         raise ValueError(f"max_len must be positive, got {max_len}")
     n_prompt, n_response = len(prompt_ids), len(response_ids)
@@ -202,10 +207,14 @@ class InstructionData(DataModule):
     """Instruction examples for finetuning: `setup` tokenizes them with the checkpoint's tokenizer, pads and masks.
 
     Subclasses say where the examples come from (`load_examples`) and declare, as dataclass fields, at least
-    `truncation: Truncation` and `prefix: bool`.
+    `truncation: Truncation`, `importance`, `scorer`, `protect_instruction` and `prefix: bool` (TRUNCATION_DOCS
+    has their descriptions).
     """
 
     truncation: Truncation = "right"
+    importance: Path | None = None
+    scorer: Path | None = None
+    protect_instruction: bool = True
     prefix: bool = False
 
     @abstractmethod
@@ -228,15 +237,22 @@ class InstructionData(DataModule):
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         check_truncation(self.truncation)
+        prompt_truncation.check_options(self.truncation, self.importance, self.scorer)
         cache_dir = Path(cache_dir)
         train, val = self.load_examples(cache_dir)
         tokens, self._tokens_path, self._tokens_reused = tokenize_examples(train + val, tokenizer, cache_dir)
         pad_id = tokenizer.special_tokens.get("<|pad|>", tokenizer.eos_id)
         datasets, stats = {}, {}
-        for split, part in (("train", tokens[: len(train)]), ("val", tokens[len(train) :])):
+        if self.truncation in SCORED:
+            cuts = self._scored_cuts(train + val, tokens, len(train), tokenizer, seq_len, cache_dir)
+        else:
+            cuts = [truncate(p, r, seq_len + 1, self.truncation) for p, r in tokens]
+        for split, part, cut_part in (
+            ("train", tokens[: len(train)], cuts[: len(train)]),
+            ("val", tokens[len(train) :], cuts[len(train) :]),
+        ):
             kept, truncated = [], 0
-            for prompt, response in part:
-                cut = truncate(prompt, response, seq_len + 1, self.truncation)
+            for (prompt, response), cut in zip(part, cut_part, strict=True):
                 truncated += len(cut[0]) + len(cut[1]) < len(prompt) + len(response)
                 if _n_targets(len(cut[0]), len(cut[1])) > 0:
                     kept.append(cut)
@@ -250,6 +266,27 @@ class InstructionData(DataModule):
             datasets[split] = InstructionDataset(kept, seq_len, pad_id, prefix=self.prefix)
         self._datasets, self._stats, self._seq_len = datasets, stats, seq_len
         return tokenizer
+
+    def _scored_cuts(self, examples, tokens, n_train: int, tokenizer: Tokenizer, seq_len: int, cache_dir: Path):
+        """Every example cut by a scored strategy (cached, keyed by strategy, dictionary or scorer and seq_len);
+        idf without a dictionary counts the first n_train examples' prompts (the training split)."""
+        scorer = prompt_truncation.PromptScorer(
+            self.truncation, self.importance, self.scorer, tokenizer, [p for p, _ in tokens[:n_train]]
+        )
+        key = prompt_truncation.cache_key(scorer, self._tokens_path, seq_len, self.protect_instruction)
+        path = Path(cache_dir) / f"instructions-truncated-{key}.npz"
+        cached = _load_tokens(path, len(tokens))
+        if cached is not None:
+            return _pairs(*cached)
+        spans = prompt_truncation.protected_spans(examples, tokenizer, self.protect_instruction)
+        over = [i for i, (p, r) in enumerate(tokens) if len(p) + len(r) > seq_len + 1]
+        scores = dict(zip(over, scorer.scores([tokens[i][0] for i in over]), strict=True))
+        cuts = [
+            prompt_truncation.fit(p, r, seq_len + 1, scores.get(i), *map(int, spans[i]))
+            for i, (p, r) in enumerate(tokens)
+        ]
+        _save_pairs(path, cuts)
+        return cuts
 
     def train_dataset(self) -> InstructionDataset:
         return self._require_setup()["train"]
@@ -310,24 +347,30 @@ def tokenize_examples(
     if cached is None:
         prompts = tokenizer.encode_batch([e.prompt() for e in examples], bos=tokenizer.use_bos)
         responses = tokenizer.encode_batch([e.output for e in examples], eos=True)
-        pairs = [[len(p), len(r)] for p, r in zip(prompts, responses, strict=True)]
-        lengths = np.array(pairs, dtype=np.int64).reshape(-1, 2)  # (N, 2), also for N = 0
-        flat = [i for p, r in zip(prompts, responses, strict=True) for i in (*p, *r)]
-        ids = np.array(flat, dtype=np.int32)
+        return _save_pairs(path, list(zip(prompts, responses, strict=True))), path, reused
+    return _pairs(*cached), path, reused
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
-                np.savez(f, ids=ids, lengths=lengths)
 
-        atomic_write(path, write)
-        cached = ids, lengths
-    ids, lengths = cached
+def _save_pairs(path: Path, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list:
+    """Write (prompt_ids, response_ids) pairs to `path` atomically; returns them as numpy arrays."""
+    lengths = np.array([[len(p), len(r)] for p, r in pairs], dtype=np.int64).reshape(-1, 2)  # (N, 2), also N = 0
+    ids = np.array([i for p, r in pairs for i in (*p, *r)], dtype=np.int32)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+            np.savez(f, ids=ids, lengths=lengths)
+
+    atomic_write(path, write)
+    return _pairs(ids, lengths)
+
+
+def _pairs(ids: np.ndarray, lengths: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     out, start = [], 0
     for n_prompt, n_response in lengths.tolist():
         mid, end = start + n_prompt, start + n_prompt + n_response
         out.append((ids[start:mid], ids[mid:end]))
         start = end
-    return out, path, reused
+    return out
 
 
 def _load_tokens(path: Path, n_examples: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -358,6 +401,13 @@ class AlpacaJSON(InstructionData):
     truncation: Truncation = "right"
     """How examples longer than seq_len + 1 tokens are cut: "right" drops the end of the response, "left" the
     start of the prompt (keeping the response)."""
+    importance: Path | None = None
+    """truncation attention: the dictionary (`litattn truncate build`); idf: one from `--method idf` (default:
+    the idf of the training prompts)."""
+    scorer: Path | None = None
+    """truncation attention_live: the checkpoint that scores each prompt's tokens (the same tokenizer)."""
+    protect_instruction: bool = True
+    """Scored truncation never drops the instruction (only the input) of an example that has an input."""
     prefix: bool = False
     """Batches carry `prefix_len`, each prompt's length, for attention that reads it (hybrid: the prompt is the
     bidirectional prefix); the loss stays on the response. Other mechanisms drop it with a warning."""
@@ -368,6 +418,7 @@ class AlpacaJSON(InstructionData):
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         check_truncation(self.truncation)
+        prompt_truncation.check_options(self.truncation, self.importance, self.scorer)
         self._n_read: tuple[int, int] | None = None
 
     def load_examples(self, cache_dir: Path) -> tuple[list[Example], list[Example]]:

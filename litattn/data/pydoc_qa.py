@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from litattn.data import prompt_truncation
 from litattn.data.instructions import Example, InstructionData, Truncation, check_truncation
 from litattn.data.stdlib import StdlibCorpus
 from litattn.data.text_files import held_out
@@ -39,7 +40,15 @@ class PyDocQA(InstructionData):
     """Only these modules (dotted names such as "textwrap", "json.decoder"); default: the whole standard library."""
     truncation: Truncation = "right"
     """How examples longer than seq_len + 1 tokens are cut: "right" drops the end of the answer, "left" the
-    start of the question (keeping the answer)."""
+    start of the question (keeping the answer), "attention" / "attention_live" / "idf" the question's least
+    important tokens (litattn/data/prompt_truncation.py)."""
+    importance: Path | None = None
+    """truncation attention: the dictionary (`litattn truncate build`); idf: one from `--method idf` (default:
+    the idf of the training prompts)."""
+    scorer: Path | None = None
+    """truncation attention_live: the checkpoint that scores each prompt's tokens (the same tokenizer)."""
+    protect_instruction: bool = True
+    """Scored truncation never drops the instruction (only the input) of an example that has an input."""
     prefix: bool = False
     """Batches carry `prefix_len`, each question's (prompt's) length, for attention that reads it (hybrid: the
     prompt is the bidirectional prefix); the loss stays on the answer. Other mechanisms drop it with a warning."""
@@ -51,6 +60,7 @@ class PyDocQA(InstructionData):
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         check_truncation(self.truncation)
+        prompt_truncation.check_options(self.truncation, self.importance, self.scorer)
         if isinstance(self.modules, str):
             self.modules = [self.modules]
         self._split: dict[str, tuple[int, int]] | None = None  # split -> (examples, modules)

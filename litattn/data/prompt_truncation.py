@@ -1,0 +1,170 @@
+"""Scored truncation of instruction examples: drop an over-long prompt's least important tokens, not its end.
+
+The strategies `attention`, `attention_live` and `idf` of the instruction data modules (`truncation:`) score
+every prompt token, then `litattn.truncation.truncate` removes the lowest-scoring ones until the example fits
+seq_len + 1 tokens. Never removed: the response (the loss is on it) and the prompt template around the
+example's input (with `protect_instruction`, the instruction too); the tokens dropped are the input's, or, for
+an example without input, the instruction's. The protected spans are
+counted by encoding the template's pieces alone, so at a piece boundary they may be off by a merged token.
+When the response and the protected prompt alone exceed the budget, the prompt keeps only its protected tokens
+and the response loses its end (as `right` does); what then has no response token left is dropped.
+
+    attention       importance: a dictionary from `litattn truncate build` (the mean attention each token id
+                    receives over a corpus)
+    idf             importance: a dictionary from `litattn truncate build --method idf`, or none: the idf of
+                    the training split's prompts (log(N / prompts holding the id): frequent tokens go first)
+    attention_live  scorer: a checkpoint that scores the tokens of each prompt itself (the attention they receive
+                    under its mechanism), in consecutive windows of its context length
+
+The truncated token ids are cached beside the tokenized examples, keyed by the strategy, the dictionary's bytes
+or the scorer's weights, seq_len and the protection, so changing any of them never reuses stale tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from litattn.tokenizer import Tokenizer
+from litattn.utils import content_key, file_digest
+
+SCORED = ("attention", "attention_live", "idf")
+"""The truncation strategies this module implements; `right` and `left` cut ends (litattn.data.instructions)."""
+
+PROMPT_TRUNCATION_VERSION = 1
+"""Bump when scored truncation changes, so cached truncated examples are rebuilt."""
+
+
+def check_options(strategy: str, importance: Path | None, scorer: Path | None) -> None:
+    """One-line errors for options that do not go together (checked when the data module is built)."""
+    if strategy == "attention" and importance is None:
+        raise ValueError(
+            "truncation 'attention' needs importance: the JSON dictionary from `litattn truncate build "
+            "--checkpoint_dir DIR --data ... --out importance.json`"
+        )
+    if strategy == "attention_live" and scorer is None:
+        raise ValueError("truncation 'attention_live' needs scorer: a checkpoint directory whose attention scores")
+    if importance is not None and strategy not in ("attention", "idf"):
+        raise ValueError(f"importance is read by truncation 'attention' or 'idf' only, not {strategy!r}; remove it")
+    if scorer is not None and strategy != "attention_live":
+        raise ValueError(f"scorer is read by truncation 'attention_live' only, not {strategy!r}; remove it")
+
+
+def protected_spans(examples: Sequence, tokenizer: Tokenizer, protect_instruction: bool) -> np.ndarray:
+    """(N, 2) tokens protected at the start and at the end of each example's prompt: the template before the
+    droppable text (with `protect_instruction`, the instruction and, when there is an input, its header) and
+    the template after it."""
+    from litattn.data.instructions import ALPACA_PROMPT
+
+    heads, tails = [], []
+    for e in examples:
+        if e.input:  # the input goes (with protect_instruction False, the instruction and the input's header too)
+            before, tail = ALPACA_PROMPT["input"].split("{input}")
+            head = before.format(instruction=e.instruction) if protect_instruction else before.split("{instruction}")[0]
+        else:  # no input: the instruction is what may go
+            head, tail = ALPACA_PROMPT["no_input"].split("{instruction}")
+        heads.append(head)
+        tails.append(tail)
+    n_head = [len(ids) for ids in tokenizer.encode_batch(heads, bos=tokenizer.use_bos)]
+    n_tail = [len(ids) for ids in tokenizer.encode_batch(tails)]
+    return np.array([n_head, n_tail], dtype=np.int64).T.reshape(-1, 2)
+
+
+def fit(
+    prompt: np.ndarray, response: np.ndarray, max_len: int, scores: torch.Tensor | None, head: int, tail: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut one example to at most max_len tokens: the prompt's lowest-scoring unprotected tokens first, then, if
+    still too long, the end of the response. scores (len(prompt),): None when the example already fits."""
+    from litattn.truncation import Protect, truncate
+
+    if len(prompt) + len(response) <= max_len:
+        return prompt, response
+    protected = min(len(prompt), head + tail)
+    room = max(max_len - len(response), protected)  # the prompt keeps at least its protected tokens
+    if room < len(prompt):
+        keep = truncate(
+            torch.as_tensor(prompt, dtype=torch.long), room, scores=scores, protect=Protect(first=head, last=tail)
+        )
+        prompt = keep.numpy().astype(prompt.dtype)
+    if len(prompt) >= max_len:  # the protected prompt alone fills the budget: no response token is left
+        return prompt[:max_len], response[:0]
+    return prompt, response[: max_len - len(prompt)]
+
+
+class PromptScorer:
+    """Scores of every prompt token for one strategy: `scores(prompts)` -> one (len,) float tensor per prompt."""
+
+    def __init__(
+        self,
+        strategy: str,
+        importance: Path | None,
+        scorer: Path | None,
+        tokenizer: Tokenizer,
+        train_prompts: Sequence[np.ndarray],
+    ) -> None:
+        from litattn.truncation import Importance, build_frequency
+
+        self.strategy, self.model = strategy, None
+        if strategy == "attention_live":
+            from litattn.checkpoint import load_with_tokenizer
+
+            self.model, scorer_tokenizer, _ = load_with_tokenizer(Path(scorer), torch.device("cpu"))
+            if scorer_tokenizer.fingerprint() != tokenizer.fingerprint():
+                raise ValueError(
+                    f"scorer {str(scorer)!r} has another tokenizer than the data's: score with a checkpoint of the "
+                    "same tokenizer (e.g. the one being finetuned)"
+                )
+            self.key = ["live", _weights_digest(Path(scorer))]
+        elif importance is not None:
+            self.importance = Importance.load(importance)
+            self.key = [strategy, file_digest(Path(importance))]
+        else:  # idf of the training prompts
+            self.importance = build_frequency(list(train_prompts))
+            self.key = [strategy, "train-prompts"]
+
+    def scores(self, prompts: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        if self.model is None:
+            return [self.importance.scores_of(torch.as_tensor(p, dtype=torch.long)) for p in prompts]
+        return self._live([torch.as_tensor(p, dtype=torch.long) for p in prompts])
+
+    @torch.no_grad()
+    def _live(self, prompts: list[torch.Tensor], batch_size: int = 16) -> list[torch.Tensor]:
+        """The scorer's token scores of each prompt, every prompt cut into consecutive windows of the scorer's
+        context, the windows of all prompts scored in padded batches (longest first, so a batch is even)."""
+        from tqdm import tqdm
+
+        from litattn.truncation import token_scores
+
+        window = self.model.max_seq_length
+        pieces = [piece for p in prompts for piece in p.split(window)]
+        order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i]))
+        scored: list[torch.Tensor | None] = [None] * len(pieces)
+        for start in tqdm(range(0, len(order), batch_size), desc="scoring prompts", unit="batch", leave=False):
+            chosen = order[start : start + batch_size]
+            lengths = torch.tensor([len(pieces[i]) for i in chosen])
+            batch = torch.zeros(len(chosen), int(lengths.max()), dtype=torch.long)
+            for row, i in enumerate(chosen):
+                batch[row, : len(pieces[i])] = pieces[i]
+            scores = token_scores(self.model, batch, lengths=lengths)  # (rows, width)
+            for row, i in enumerate(chosen):
+                scored[i] = scores[row, : len(pieces[i])]
+        out, k = [], 0
+        for p in prompts:
+            n = len(p.split(window))
+            out.append(torch.cat(scored[k : k + n]))
+            k += n
+        return out
+
+
+def _weights_digest(checkpoint_dir: Path) -> str:
+    weights = checkpoint_dir / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"scorer {str(checkpoint_dir)!r} has no model.safetensors: pass a checkpoint directory")
+    return file_digest(weights)
+
+
+def cache_key(scorer: PromptScorer, tokens_path: Path, seq_len: int, protect_instruction: bool) -> str:
+    return content_key([PROMPT_TRUNCATION_VERSION, tokens_path.name, scorer.key, seq_len, protect_instruction])
