@@ -137,6 +137,23 @@ def test_idf_truncation_drops_the_most_frequent_tokens_of_the_training_prompts(t
     check_cuts(data, tok, examples, lambda t: idf.get(t, float("inf")))
 
 
+@pytest.mark.parametrize("strategy", ["input_right", "input_left"])
+def test_positional_truncation_of_the_input_keeps_its_start_or_its_end(tok, examples, tmp_path, strategy):
+    data = setup(tok, examples, tmp_path / "cache", truncation=strategy)
+    from litattn.data.instructions import read_examples
+
+    ds = data.val_dataset()
+    for i, example in enumerate(read_examples(examples[1])):
+        before, after = ALPACA_PROMPT["input"].split("{input}")
+        head = len(tok.encode(before.format(instruction=example.instruction), bos=tok.use_bos))
+        full = tok.encode(example.prompt(), bos=tok.use_bos)
+        kept = ds.prompt_ids(i)
+        n_tail = len(tok.encode(after))
+        n_input = len(kept) - head - n_tail
+        expected = full[head : head + n_input] if strategy == "input_right" else full[-n_tail - n_input : -n_tail]
+        assert kept == full[:head] + expected + full[-n_tail:] and len(kept) < len(full)
+
+
 def test_live_truncation_scores_each_prompt_with_the_scorer_in_windows(tok, examples, tmp_path):
     config = Config.from_name("tiny-llama", vocab_size=tok.vocab_size, block_size=16)
     torch.manual_seed(0)
@@ -161,7 +178,7 @@ def test_live_truncation_scores_each_prompt_with_the_scorer_in_windows(tok, exam
         (dict(truncation="attention_live"), "truncation 'attention_live' needs scorer"),
         (dict(truncation="right", importance=Path("x.json")), "importance is read by truncation 'attention' or"),
         (dict(truncation="idf", scorer=Path("ckpt")), "scorer is read by truncation 'attention_live' only"),
-        (dict(truncation="middle"), "truncation must be one of right, left, attention, attention_live, idf"),
+        (dict(truncation="middle"), "truncation must be one of right, left, attention, attention_live, idf, input"),
     ],
 )
 def test_bad_truncation_options_are_one_line_errors(examples, options, message):

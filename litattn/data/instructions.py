@@ -45,10 +45,11 @@ ALPACA_PROMPT: dict[str, str] = {
 }
 """The prompt template (Alpaca style): the variant with an input when an example has one, else the shorter one."""
 
-Truncation = Literal["right", "left", "attention", "attention_live", "idf"]
+Truncation = Literal["right", "left", "attention", "attention_live", "idf", "input_right", "input_left"]
 """How an example longer than seq_len + 1 tokens is cut: "right" drops the end of the response, "left" the start
-of the prompt; "attention", "attention_live" and "idf" drop the prompt's least important tokens, by a dictionary,
-by the scorer model on the prompt itself, or by idf (litattn/data/prompt_truncation.py)."""
+of the prompt; "attention", "attention_live" and "idf" drop the prompt input's least important tokens, by a
+dictionary, by the scorer model on the prompt itself, or by idf, and "input_right" / "input_left" its end / start,
+the template, instruction and response kept (litattn/data/prompt_truncation.py)."""
 
 INSTRUCTION_FORMAT_VERSION = 1
 """Bump when tokenization of examples changes, so cached token ids are rebuilt."""

@@ -15,6 +15,8 @@ and the response loses its end (as `right` does); what then has no response toke
                     the training split's prompts (log(N / prompts holding the id): frequent tokens go first)
     attention_live  scorer: a checkpoint that scores the tokens of each prompt itself (the attention they receive
                     under its mechanism), in consecutive windows of its context length
+    input_right     the positional baselines under the same protection: the input's end goes (its first tokens
+    input_left      stay), or its start (its last tokens stay)
 
 The truncated token ids are cached beside the tokenized examples, keyed by the strategy, the dictionary's bytes
 or the scorer's weights, seq_len and the protection, so changing any of them never reuses stale tokens.
@@ -31,7 +33,7 @@ import torch
 from litattn.tokenizer import Tokenizer
 from litattn.utils import content_key, file_digest
 
-SCORED = ("attention", "attention_live", "idf")
+SCORED = ("attention", "attention_live", "idf", "input_right", "input_left")
 """The truncation strategies this module implements; `right` and `left` cut ends (litattn.data.instructions)."""
 
 PROMPT_TRUNCATION_VERSION = 1
@@ -108,7 +110,9 @@ class PromptScorer:
         from litattn.truncation import Importance, build_frequency
 
         self.strategy, self.model = strategy, None
-        if strategy == "attention_live":
+        if strategy in ("input_right", "input_left"):
+            self.key = [strategy]
+        elif strategy == "attention_live":
             from litattn.checkpoint import load_with_tokenizer
 
             self.model, scorer_tokenizer, _ = load_with_tokenizer(Path(scorer), torch.device("cpu"))
@@ -126,6 +130,9 @@ class PromptScorer:
             self.key = [strategy, "train-prompts"]
 
     def scores(self, prompts: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        if self.strategy in ("input_right", "input_left"):  # later tokens score lower / higher
+            sign = -1.0 if self.strategy == "input_right" else 1.0
+            return [sign * torch.arange(len(p), dtype=torch.float32) for p in prompts]
         if self.model is None:
             return [self.importance.scores_of(torch.as_tensor(p, dtype=torch.long)) for p in prompts]
         return self._live([torch.as_tensor(p, dtype=torch.long) for p in prompts])
