@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -160,6 +160,51 @@ def generate(
     return torch.cat(tokens)
 
 
+def _prompt_scorer(strategy: str | None, importance: Path | None, prompt_budget: int | None):
+    """The dictionary of a dictionary strategy, loaded (and the options checked) before the model loads."""
+    if strategy is None:
+        if importance is not None or prompt_budget is not None:
+            raise ValueError("importance and prompt_budget are read with --truncate only; set --truncate or drop them")
+        return None
+    if strategy not in ("left", "idf", "attention", "attention_live"):
+        raise ValueError(f"truncate must be one of left, idf, attention, attention_live, got {strategy!r}")
+    if (strategy in ("idf", "attention")) != (importance is not None):
+        raise ValueError(
+            f"truncate {strategy} {'needs' if importance is None else 'reads no'} importance (a dictionary from "
+            "`litattn truncate build`, with --method idf for idf)"
+        )
+    if importance is None:
+        return None
+    from litattn.truncation import Importance
+
+    return Importance.load(importance)
+
+
+def _truncate_prompt(ids: list[int], budget: int, strategy: str, imp, model, head: int, tail: int) -> list[int]:
+    """ids cut to `budget` tokens by `strategy`, the first `head` and last `tail` kept; a note on stderr."""
+    from litattn.truncation import Protect, windowed_token_scores
+    from litattn.truncation import truncate as drop_tokens
+
+    if len(ids) <= budget:
+        return ids
+    if head + tail > budget:
+        raise ValueError(
+            f"prompt_budget {budget} is below the {head + tail} prompt tokens truncation must keep; raise "
+            "prompt_budget or lower protect_last"
+        )
+    if strategy == "left":
+        scores = torch.arange(len(ids), dtype=torch.float32)
+    elif strategy == "attention_live":
+        scores = windowed_token_scores(model, [torch.tensor(ids)])[0]
+    else:
+        scores = imp.scores_of(torch.tensor(ids))
+    kept = drop_tokens(ids, budget, scores=scores, protect=Protect(first=head, last=tail))
+    print(
+        f"litattn: note: the prompt was truncated from {len(ids)} to {len(kept)} tokens ({strategy})", file=sys.stderr
+    )
+    return kept
+
+
 def _fit_context(max_new_tokens: int, prompt_tokens: int, context: int) -> int:
     """max_new_tokens, lowered (with a note on stderr) to the room the prompt leaves in the model's context."""
     room = context - prompt_tokens
@@ -222,6 +267,10 @@ def main(
     stream_window: int | None = None,
     sink_size: int | None = None,
     stream_chunk: int | None = None,
+    truncate: Literal["left", "idf", "attention", "attention_live"] | None = None,
+    importance: Path | None = None,
+    prompt_budget: int | None = None,
+    protect_last: int = 8,
 ) -> str:
     """Generate text from a checkpoint, printing it as it is produced.
 
@@ -249,6 +298,15 @@ def main(
         stream_chunk: Tokens per forward when prefilling a prompt longer than sink_size + stream_window, once
             the cache is full (each chunk evicts as many old tokens); default max(1, stream_window // 4);
             1 is the exact token-by-token rule.
+        truncate: Fit a prompt longer than `prompt_budget` by dropping its start (left), or its least important
+            tokens: by an importance dictionary (attention, idf: `importance`, from `litattn truncate build`) or
+            scored by this model on the prompt itself, in windows of its context (attention_live). The survivors
+            keep their order; a note on stderr says how many went. None: a prompt that does not fit is an error.
+        importance: The dictionary of truncate attention / idf (JSON from `litattn truncate build`).
+        prompt_budget: Tokens the prompt may keep after truncation; default: the model's context minus
+            max_new_tokens (at least 1).
+        protect_last: Truncation never drops the prompt's last this many tokens (what the continuation follows);
+            with --instruction the prompt template and its end are kept instead.
 
     Returns:
         The generated text (without the prompt).
@@ -263,6 +321,9 @@ def main(
     check_seed("seed", seed)
     check_range("context", context, ge=1, null="what the attention handles")
     check_streaming_args(stream_window, sink_size, stream_chunk)
+    check_range("prompt_budget", prompt_budget, ge=1, null="the context minus max_new_tokens")
+    check_range("protect_last", protect_last, ge=0)
+    scores_of = _prompt_scorer(truncate, importance, prompt_budget)  # a bad dictionary fails before the model loads
     if instruction is not None:
         prompt = format_prompt(instruction)
     model, tokenizer, _ = load_with_tokenizer(checkpoint_dir, attention=attention, context=context)
@@ -274,6 +335,17 @@ def main(
     ids = tokenizer.encode(prompt, bos=getattr(tokenizer, "use_bos", False))  # as the checkpoint's tokenizer does
     if not ids:
         raise ValueError("The prompt is empty: generation needs at least one token to condition on")
+    if truncate is not None:
+        budget = prompt_budget or max(1, model.max_seq_length - max_new_tokens)
+        if instruction is not None:  # the template around the instruction stays
+            from litattn.data.instructions import Example
+            from litattn.data.prompt_truncation import protected_spans
+
+            head, tail = (int(n) for n in protected_spans([Example(instruction, "")], tokenizer, True)[0])
+        else:
+            head, tail = 0, protect_last
+        ids = _truncate_prompt(ids, budget, truncate, scores_of, model, head, tail)
+        prompt = tokenizer.decode(ids)
     if stream_window is None:
         max_new_tokens = _fit_context(max_new_tokens, len(ids), model.max_seq_length)
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -263,6 +263,36 @@ def token_scores(
     return observer.scores()
 
 
+@torch.no_grad()
+def windowed_token_scores(model, sequences: Sequence[torch.Tensor], batch_size: int = 16) -> list[torch.Tensor]:
+    """`token_scores` of sequences of any length: each cut into consecutive windows of the model's context,
+    each window scored alone, the windows of all sequences in padded batches (longest first, so a batch is even).
+    Returns one (len,) float32 tensor per sequence. A token's score then covers its own window only."""
+    from tqdm import tqdm
+
+    window = model.max_seq_length
+    device = model.lm_head.weight.device
+    pieces = [piece for s in sequences for piece in torch.as_tensor(s, dtype=torch.long).split(window)]
+    order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i]))
+    scored: list[torch.Tensor | None] = [None] * len(pieces)
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc="scoring", unit="batch", leave=False, disable=len(batches) < 2):
+        chosen = order[start : start + batch_size]
+        lengths = torch.tensor([len(pieces[i]) for i in chosen])
+        batch = torch.zeros(len(chosen), int(lengths.max()), dtype=torch.long)
+        for row, i in enumerate(chosen):
+            batch[row, : len(pieces[i])] = pieces[i]
+        scores = token_scores(model, batch.to(device), lengths=lengths).cpu()  # (rows, width)
+        for row, i in enumerate(chosen):
+            scored[i] = scores[row, : len(pieces[i])]
+    out, k = [], 0
+    for s in sequences:
+        n = -(-len(s) // window)
+        out.append(torch.cat(scored[k : k + n]) if n else torch.zeros(0))
+        k += n
+    return out
+
+
 def _check_lengths(lengths, B: int, T: int) -> torch.Tensor:
     lengths = torch.as_tensor(lengths)
     if lengths.shape != (B,) or lengths.is_floating_point() or lengths.dtype == torch.bool:

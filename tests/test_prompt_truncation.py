@@ -189,3 +189,51 @@ def test_bad_truncation_options_are_one_line_errors(examples, options, message):
 def test_a_missing_dictionary_is_a_one_line_error(tok, examples, tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match="missing.json"):
         setup(tok, examples, tmp_path / "cache", truncation="attention", importance=tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------------------------- generate
+@pytest.fixture(scope="module")
+def scorer_checkpoint(tok, tmp_path_factory):
+    config = Config.from_name("tiny-llama", vocab_size=tok.vocab_size, block_size=16)
+    torch.manual_seed(0)
+    return ckpt.save_checkpoint(tmp_path_factory.mktemp("gen") / "ckpt", GPT(config).state_dict(), config, tok)
+
+
+@pytest.mark.parametrize("strategy", ["left", "attention_live", "attention"])
+def test_generate_truncates_a_long_prompt_to_the_budget(tok, scorer_checkpoint, tmp_path, capsys, strategy):
+    from litattn.generate import main
+    from litattn.truncation import Protect, truncate, windowed_token_scores
+
+    prompt = " ".join(WORDS * 2)
+    ids = tok.encode(prompt)
+    assert len(ids) > 12
+    model = PromptScorer("attention_live", None, scorer_checkpoint, tok, []).model
+    scores = {
+        "left": torch.arange(len(ids), dtype=torch.float32),
+        "attention_live": windowed_token_scores(model, [torch.tensor(ids)])[0],
+        "attention": torch.tensor([float(t % 7) for t in ids]),
+    }[strategy]
+    importance = None
+    if strategy == "attention":
+        importance = Importance.from_scores({t: float(t % 7) for t in ids}).save(tmp_path / "importance.json")
+    main(scorer_checkpoint, prompt=prompt, max_new_tokens=4, temperature=0, truncate=strategy, importance=importance)
+    out, err = capsys.readouterr()
+    expected = truncate(ids, 12, scores=scores, protect=Protect(last=8))  # context 16 - 4 new tokens
+    assert f"the prompt was truncated from {len(ids)} to 12 tokens ({strategy})" in err
+    assert out.startswith(tok.decode(expected)) and expected[-8:] == ids[-8:]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(truncate="attention"), "truncate attention needs importance"),
+        (dict(truncate="left", importance=Path("x.json")), "truncate left reads no importance"),
+        (dict(prompt_budget=8), "importance and prompt_budget are read with --truncate only"),
+        (dict(truncate="left", prompt_budget=0), "prompt_budget"),
+    ],
+)
+def test_generate_truncation_options_are_checked_before_the_model_loads(tmp_path, options, message):
+    from litattn.generate import main
+
+    with pytest.raises(ValueError, match=message):
+        main(tmp_path / "no-checkpoint", **options)

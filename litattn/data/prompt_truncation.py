@@ -135,35 +135,9 @@ class PromptScorer:
             return [sign * torch.arange(len(p), dtype=torch.float32) for p in prompts]
         if self.model is None:
             return [self.importance.scores_of(torch.as_tensor(p, dtype=torch.long)) for p in prompts]
-        return self._live([torch.as_tensor(p, dtype=torch.long) for p in prompts])
+        from litattn.truncation import windowed_token_scores
 
-    @torch.no_grad()
-    def _live(self, prompts: list[torch.Tensor], batch_size: int = 16) -> list[torch.Tensor]:
-        """The scorer's token scores of each prompt, every prompt cut into consecutive windows of the scorer's
-        context, the windows of all prompts scored in padded batches (longest first, so a batch is even)."""
-        from tqdm import tqdm
-
-        from litattn.truncation import token_scores
-
-        window = self.model.max_seq_length
-        pieces = [piece for p in prompts for piece in p.split(window)]
-        order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i]))
-        scored: list[torch.Tensor | None] = [None] * len(pieces)
-        for start in tqdm(range(0, len(order), batch_size), desc="scoring prompts", unit="batch", leave=False):
-            chosen = order[start : start + batch_size]
-            lengths = torch.tensor([len(pieces[i]) for i in chosen])
-            batch = torch.zeros(len(chosen), int(lengths.max()), dtype=torch.long)
-            for row, i in enumerate(chosen):
-                batch[row, : len(pieces[i])] = pieces[i]
-            scores = token_scores(self.model, batch, lengths=lengths)  # (rows, width)
-            for row, i in enumerate(chosen):
-                scored[i] = scores[row, : len(pieces[i])]
-        out, k = [], 0
-        for p in prompts:
-            n = len(p.split(window))
-            out.append(torch.cat(scored[k : k + n]))
-            k += n
-        return out
+        return windowed_token_scores(self.model, [torch.as_tensor(p, dtype=torch.long) for p in prompts])
 
 
 def _weights_digest(checkpoint_dir: Path) -> str:
