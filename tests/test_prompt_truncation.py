@@ -27,6 +27,8 @@ def test_fit_drops_the_lowest_unprotected_prompt_tokens_then_the_response_end():
     scores = torch.tensor([0.0, 0.0, 5, 1, 4, 2, 6, 3, 0.0, 0.0])  # head 2 and tail 2 protected
     p, r = fit(prompt, response, 9, scores, head=2, tail=2)  # room for 6 prompt tokens: 4 of 2..7 go (1, 2, 3, 4)
     assert p.tolist() == [0, 1, 2, 6, 8, 9] and r.tolist() == [100, 101, 102]
+    *_, positions = fit(prompt, response, 9, scores, head=2, tail=2, return_positions=True)  # in the uncut example
+    assert positions.tolist() == [0, 1, 2, 6, 8, 9, 10, 11, 12]
     p, r = fit(prompt, response, 8, scores, head=2, tail=2)  # room for 5: only the best unprotected one stays
     assert p.tolist() == [0, 1, 6, 8, 9] and r.tolist() == [100, 101, 102]
     p, r = fit(prompt, response, 6, scores, head=2, tail=2)  # the protected 4 stay, the response loses its end

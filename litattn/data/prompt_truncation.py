@@ -76,24 +76,35 @@ def protected_spans(examples: Sequence, tokenizer: Tokenizer, protect_instructio
 
 
 def fit(
-    prompt: np.ndarray, response: np.ndarray, max_len: int, scores: torch.Tensor | None, head: int, tail: int
-) -> tuple[np.ndarray, np.ndarray]:
+    prompt: np.ndarray,
+    response: np.ndarray,
+    max_len: int,
+    scores: torch.Tensor | None,
+    head: int,
+    tail: int,
+    return_positions: bool = False,
+):
     """Cut one example to at most max_len tokens: the prompt's lowest-scoring unprotected tokens first, then, if
-    still too long, the end of the response. scores (len(prompt),): None when the example already fits."""
+    still too long, the end of the response. scores (len(prompt),): None when the example already fits.
+    Returns (prompt, response), with `return_positions` also each kept token's position in the uncut example."""
     from litattn.truncation import Protect, truncate
 
-    if len(prompt) + len(response) <= max_len:
-        return prompt, response
-    protected = min(len(prompt), head + tail)
-    room = max(max_len - len(response), protected)  # the prompt keeps at least its protected tokens
-    if room < len(prompt):
-        keep = truncate(
-            torch.as_tensor(prompt, dtype=torch.long), room, scores=scores, protect=Protect(first=head, last=tail)
-        )
-        prompt = keep.numpy().astype(prompt.dtype)
-    if len(prompt) >= max_len:  # the protected prompt alone fills the budget: no response token is left
-        return prompt[:max_len], response[:0]
-    return prompt, response[: max_len - len(prompt)]
+    kept = np.arange(len(prompt))
+    if len(prompt) + len(response) > max_len:
+        protected = min(len(prompt), head + tail)
+        room = max(max_len - len(response), protected)  # the prompt keeps at least its protected tokens
+        if room < len(prompt):
+            ids = torch.as_tensor(prompt, dtype=torch.long)
+            _, kept_t = truncate(
+                ids, room, scores=scores, protect=Protect(first=head, last=tail), return_positions=True
+            )
+            kept = kept_t.numpy()
+        kept = kept[:max_len]  # the protected prompt alone may fill the budget: then no response token is left
+    n_response = min(len(response), max_len - len(kept))
+    cut = prompt[kept], response[:n_response]
+    if not return_positions:
+        return cut
+    return (*cut, np.concatenate([kept, len(prompt) + np.arange(n_response)]))
 
 
 class PromptScorer:
