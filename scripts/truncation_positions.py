@@ -4,7 +4,7 @@ survivors at positions 0..n-1 (what finetuning trains on) and at their positions
 then rotates by the original distances; positions past the trained context extrapolate).
 
     python scripts/truncation_positions.py --checkpoint_dir out/ablations/truncation/attention/seed-1/final \
-        --importance out/truncation/importance.json --budget 128
+        --importance out/truncation/importance.json --budget 129
 
 One example at a time (each has its own positions), loss on the answer tokens, printed as a table.
 """
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--checkpoint_dir", type=Path, required=True)
     parser.add_argument("--importance", type=Path, default=None, help="dictionary; none: idf of the training prompts")
     parser.add_argument("--strategy", default="attention", choices=["attention", "idf"])
-    parser.add_argument("--budget", type=int, default=128, help="tokens an example keeps (seq_len + 1)")
+    parser.add_argument("--budget", type=int, default=129, help="tokens an example keeps: seq_len + 1")
     parser.add_argument("--cache_dir", type=Path, default=Path("cache"))
     args = parser.parse_args()
 
