@@ -11,8 +11,9 @@ children's) goes to one category:
     matmuls        the blocks' linear layers (addmm, mm, bmm, linear, matmul), forward and backward
     norms          layer_norm, rms_norm
     activation     gelu, silu
-    loss head      the lm_head matmul and cross-entropy, forward and backward (the head is labelled from its
-                   forward; its backward ops are found through the autograd sequence numbers)
+    loss head      the lm_head matmuls and the cross-entropy, forward and backward (the fused head of
+                   litattn/loss_head.py computes its gradients in its forward; on the plain path the backward
+                   ops are found through the autograd sequence numbers)
     optimizer      gradient clipping, the AdamW step, zero_grad (Python time included)
     collation      collate and the dataset reads (Python time included)
     other ops      RoPE, residual adds, embedding, copies, views
@@ -57,7 +58,7 @@ OVERHEAD = "overhead (Python, autograd engine)"
 PHASES = {"collate": "collation", "optimizer": "optimizer", "loss head": "loss head"}  # label -> category
 NAMES = [  # (category, substrings of an op's name), first match wins
     ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "sdpa")),
-    ("loss head", ("cross_entropy", "log_softmax", "nll_loss")),
+    ("loss head", ("cross_entropy", "log_softmax", "nll_loss", "logsumexp")),
     ("matmuls (blocks)", ("addmm", "aten::mm", "bmm", "aten::linear", "aten::matmul")),
     ("norms", ("layer_norm", "rms_norm")),
     ("activation", ("gelu", "silu")),
@@ -65,12 +66,23 @@ NAMES = [  # (category, substrings of an op's name), first match wins
 
 
 class HeadLabel:
-    """Opens a "loss head" profiler range when lm_head starts; the step closes it once the loss is computed, so
-    the range holds the head's matmul, the logits' cast and the cross-entropy."""
+    """Opens a "loss head" profiler range when the head starts (the fused head + cross-entropy of
+    litattn/loss_head.py, which computes its gradients in the forward pass, or lm_head on the plain path under
+    autocast); the step closes it once the loss is computed, so the range holds the head's matmuls, the softmax
+    and the cross-entropy."""
 
     def __init__(self, model: GPT) -> None:
+        import litattn.model as model_module
+
         self.range = None
         model.lm_head.register_forward_pre_hook(self._open)
+        fused = model_module.linear_cross_entropy
+
+        def labelled(*args, **kwargs):
+            self._open(None, None)
+            return fused(*args, **kwargs)
+
+        model_module.linear_cross_entropy = labelled
 
     def _open(self, module, args) -> None:
         self.range = record_function("loss head")

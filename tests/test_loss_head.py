@@ -73,3 +73,21 @@ def test_gpt_loss_uses_it_and_matches_the_plain_head_with_tied_embeddings():
     F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(fused[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_the_compiled_training_forward_equals_eager_and_stays_a_method():
+    """`--compile`: the whole loss (blocks and fused head) as one graph; Fabric routes it as a forward method."""
+    import inspect
+
+    from litattn.loop import compile_loss
+
+    torch.manual_seed(0)
+    eager, compiled = GPT(Config.from_name("tiny-llama")), GPT(Config.from_name("tiny-llama"))
+    compiled.load_state_dict(eager.state_dict())
+    compile_loss(compiled)
+    assert inspect.ismethod(compiled.loss)
+    idx = torch.randint(0, 200, (2, 17))
+    for model in (eager, compiled):
+        model.loss(idx[:, :-1], idx[:, 1:]).backward()
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
