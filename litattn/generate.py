@@ -182,7 +182,8 @@ def _prompt_scorer(strategy: str | None, importance: Path | None, prompt_budget:
 
 def _truncate_prompt(ids: list[int], budget: int, strategy: str, imp, model, head: int, tail: int) -> list[int]:
     """ids cut to `budget` tokens by `strategy`, the first `head` and last `tail` kept; a note on stderr."""
-    from litattn.truncation import Protect, windowed_token_scores
+    from litattn.data.prompt_truncation import prompt_scores
+    from litattn.truncation import Protect
     from litattn.truncation import truncate as drop_tokens
 
     if len(ids) <= budget:
@@ -192,12 +193,7 @@ def _truncate_prompt(ids: list[int], budget: int, strategy: str, imp, model, hea
             f"prompt_budget {budget} is below the {head + tail} prompt tokens truncation must keep; raise "
             "prompt_budget or lower protect_last"
         )
-    if strategy == "left":
-        scores = torch.arange(len(ids), dtype=torch.float32)
-    elif strategy == "attention_live":
-        scores = windowed_token_scores(model, [torch.tensor(ids)])[0]
-    else:
-        scores = imp.scores_of(torch.tensor(ids))
+    scores = prompt_scores("input_left" if strategy == "left" else strategy, [ids], imp, model)[0]
     kept = drop_tokens(ids, budget, scores=scores, protect=Protect(first=head, last=tail))
     print(
         f"litattn: note: the prompt was truncated from {len(ids)} to {len(kept)} tokens ({strategy})", file=sys.stderr

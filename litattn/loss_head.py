@@ -27,15 +27,15 @@ CHUNK_ROWS = 512
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ignore_index: int, chunk_rows: int, want_grad: bool):
+    def forward(ctx, h, weight, bias, targets, ignore_index: int, chunk_rows: int, wants: tuple[bool, bool, bool]):
+        """wants: which of h, weight, bias need a gradient (a frozen head, as in LoRA, costs no dW)."""
+        want_grad = any(wants)
         valid = targets != ignore_index
         n = valid.sum().clamp(min=1).to(torch.float32)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if want_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
-        grad_b = None
-        if want_grad and bias is not None:
-            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        grad_h = torch.empty_like(h) if wants[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants[1] else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if wants[2] else None
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             h_c, t_c, v_c = h[rows], targets[rows], valid[rows]
@@ -49,20 +49,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             p = logits.sub_(lse[:, None]).exp_()  # the softmax, in the logits' buffer
             p.scatter_add_(1, safe[:, None], torch.full_like(picked[:, None], -1.0))
             p.mul_((v_c.to(p.dtype) / n)[:, None])
-            p_w = p.to(weight.dtype)
-            grad_h[rows] = p_w @ weight
-            grad_w.addmm_(p.t(), h_c.float() if h_c.dtype != torch.float32 else h_c)
+            if grad_h is not None:
+                grad_h[rows] = p.to(weight.dtype) @ weight
+            if grad_w is not None:
+                grad_w.addmm_(p.t(), h_c.float())
             if grad_b is not None:
                 grad_b += p.sum(dim=0)
         if want_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(bias.dtype))
+            ctx.save_for_backward(
+                grad_h,
+                None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype),
+            )
         return loss / n
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        g = grad_output.to(grad_h.dtype)
-        return grad_h * g, grad_w * g, None if grad_b is None else grad_b * g, None, None, None, None
+        grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
+        return (*grads, None, None, None, None)
 
 
 def linear_cross_entropy(
@@ -74,5 +78,6 @@ def linear_cross_entropy(
     chunk_rows: int = CHUNK_ROWS,
 ) -> torch.Tensor:
     """Mean cross-entropy of `F.linear(h, weight, bias)` against targets, h (N, C), targets (N,) long."""
-    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, weight, bias) if t is not None)
-    return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, chunk_rows, want_grad)
+    grad = torch.is_grad_enabled()
+    wants = tuple(grad and t is not None and t.requires_grad for t in (h, weight, bias))
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, chunk_rows, wants)

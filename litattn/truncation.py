@@ -1018,7 +1018,7 @@ def apply(
         tokens_before, tokens_after, tokens_removed and mean_fraction_removed (over the truncated examples).
     """
     from litattn.args import check_range
-    from litattn.data.instructions import read_examples
+    from litattn.data.instructions import parse_example, read_records
     from litattn.tokenizer import Tokenizer
     from litattn.utils import atomic_write_text
 
@@ -1028,10 +1028,9 @@ def apply(
     if not fields or any(f not in FIELDS for f in fields) or len(set(fields)) < len(fields):
         raise ValueError(f"fields must be distinct names of {list(FIELDS)}, got {fields}")
     input, output = Path(input), Path(output)
-    examples = read_examples(input)  # checks every record, with one-line errors
-    text = input.read_bytes().decode("utf-8-sig")
-    is_list = text.lstrip().startswith("[")
-    records = json.loads(text) if is_list else [json.loads(line) for line in text.split("\n") if line.strip()]
+    located, is_list = read_records(input)
+    examples = [parse_example(input, where, record) for where, record in located]  # checks every record
+    records = [record for _, record in located]
     imp = Importance.load(importance)
     tokenizer = Tokenizer(tokenizer_dir)
 

@@ -61,8 +61,8 @@ def setup(
         devices: Devices per node (or "auto").
         num_nodes: Number of nodes.
         strategy: auto, ddp or fsdp.
-        compile: torch.compile the training forward and loss head as one graph (~8% faster steps on CPU once
-            compiled, the first step 15-30 s later: off by default).
+        compile: torch.compile the training forward and loss head as one graph (on CPU 1.04x eager steps in
+            32-true, 1.19x in bf16-mixed; the first step 5-30 s later: off by default).
         seed: Seed for initialisation and data order.
         cache_dir: Where the trained tokenizer and tokenized data are cached.
     """

@@ -85,3 +85,13 @@ class WindowAttention(AttentionMechanism):
 
     def mask_mod(self, ctx):
         return masks.sliding_window(ctx.positions, self.options.window)
+
+
+def assert_same_gradients(attend, reference, leaves, generator, atol=1e-9):
+    """q, k, v gradients of attend(q, k, v) and reference(q, k, v) under one random output weighting agree
+    (leaves: float64 q, k, v with requires_grad)."""
+    q = leaves[0]
+    weights = torch.randn(q.shape, dtype=q.dtype, generator=generator)
+    grads = [torch.autograd.grad((fn(*leaves) * weights).sum(), leaves) for fn in (attend, reference)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)

@@ -8,6 +8,7 @@ import litattn.attention.disrupt_set as ds
 from litattn import GPT, Config
 from litattn.attention.base import AttentionContext
 from litattn.attention.registry import split_spec
+from reference import assert_same_gradients
 
 DISRUPT = ds.DISRUPT_ID
 
@@ -57,14 +58,12 @@ def test_gradients_match_the_naive_implementation(monkeypatch):
     leaves = [torch.randn(3, h, 30, 8, dtype=torch.float64, generator=g, requires_grad=True) for h in (4, 2, 2)]
     segments = random_segments(3, 30, g)
     ctx = AttentionContext(torch.arange(30), None, None, None, metadata={"segment_ids": segments})
-    weights = torch.randn(3, 4, 30, 8, dtype=torch.float64, generator=g)
-    grads = [
-        torch.autograd.grad((fn(*leaves) * weights).sum(), leaves)
-        for fn in (lambda q, k, v: mechanism(config, num_sink=2).attend(q, k, v, ctx),
-                   lambda q, k, v: naive(q, k, v, segments, 2))
-    ]  # fmt: skip
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+    assert_same_gradients(
+        lambda q, k, v: mechanism(config, num_sink=2).attend(q, k, v, ctx),
+        lambda q, k, v: naive(q, k, v, segments, 2),
+        leaves,
+        g,
+    )
 
 
 def models(**options):

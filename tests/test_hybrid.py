@@ -16,6 +16,7 @@ from litattn.generate import generate
 from litattn.hooks import HookContext
 from litattn.loop import _sample_prompt
 from litattn.training import collate, flops_per_token
+from reference import assert_same_gradients
 
 END = hy.ENDTHOUGHT_ID
 
@@ -108,13 +109,9 @@ def test_gradients_match_the_naive_implementation():
     leaves = [torch.randn(4, h, 30, 8, dtype=torch.float64, generator=g, requires_grad=True) for h in (4, 2, 2)]
     prefix_len = random_prefixes(4, 30, g)
     ctx = AttentionContext(torch.arange(30), None, None, None, metadata={"prefix_len": prefix_len})
-    weights = torch.randn(4, 4, 30, 8, dtype=torch.float64, generator=g)
-    grads = [
-        torch.autograd.grad((fn(*leaves) * weights).sum(), leaves)
-        for fn in (lambda q, k, v: mechanism(config).attend(q, k, v, ctx), lambda q, k, v: naive(q, k, v, prefix_len))
-    ]
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+    assert_same_gradients(
+        lambda q, k, v: mechanism(config).attend(q, k, v, ctx), lambda q, k, v: naive(q, k, v, prefix_len), leaves, g
+    )
 
 
 # ---------------------------------------------------------------------------------- the model against references
@@ -413,6 +410,7 @@ def test_instruction_items_carry_the_prompt_as_prefix_and_trimming_keeps_the_los
         (dict(grad_iterations=0), r"hybrid: grad_iterations must be >= 1 \(or null: all\), got 0"),
         (dict(thought_layers=3), r"thought_layers=3 exceeds the model's 2 layers; lower it or set add_thought_layers"),
         (dict(endthought_id=999), r"endthought_id 999 is outside the vocabulary \(256\)"),
+        (dict(endthought_id=-1), r"hybrid: endthought_id must be a token id >= 0 \(or null\), got -1"),
         (dict(refine_steps=-1), r"hybrid: refine_steps must be >= 0 \(0: no gradient refinement\), got -1"),
         (dict(refine_lr=0.0), r"hybrid: refine_lr must be > 0, got 0.0"),
         (dict(iteration=2), r"Unknown option\(s\) \['iteration'\] for attention 'hybrid'"),

@@ -91,3 +91,15 @@ def test_the_compiled_training_forward_equals_eager_and_stays_a_method():
         model.loss(idx[:, :-1], idx[:, 1:]).backward()
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_frozen_head_gets_no_gradient_and_h_still_the_right_one():
+    """LoRA / SSA finetuning freeze the head: only dh is computed, and it is the plain head's."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(30, 8, generator=g, requires_grad=True)
+    w = torch.randn(13, 8, generator=g)  # frozen
+    t = torch.randint(0, 13, (30,), generator=g)
+    linear_cross_entropy(h, w, None, t, chunk_rows=7).backward()
+    _, ref_h, _, _ = reference(h, w, None, t)
+    torch.testing.assert_close(h.grad.double(), ref_h, atol=1e-6, rtol=0)
+    assert w.grad is None

@@ -153,6 +153,24 @@ class AttentionMechanism(nn.Module):
             )
 
     @classmethod
+    def check_token_id_option(cls, options: AttentionOptions, name: str) -> None:
+        """An option naming a token id (None: the id litattn's tokenizers give the token) is >= 0."""
+        value = getattr(options, name)
+        if value is not None and value < 0:
+            raise ValueError(f"{cls.registered_name}: {name} must be a token id >= 0 (or null), got {value}")
+
+    def token_id_option(self, name: str, default: int, what: str) -> int:
+        """The token id option `name` (None: `default`), checked against the model's vocabulary."""
+        value = getattr(self.options, name)
+        token = default if value is None else value
+        if token >= self.config.padded_vocab_size:
+            raise ValueError(
+                f"{self.registered_name}: {name} {token} is outside the vocabulary ({self.config.padded_vocab_size}); "
+                f"set attention.{name} to the id of {what} in this model's tokenizer"
+            )
+        return token
+
+    @classmethod
     def max_seq_length(cls, config: Config, options: AttentionOptions) -> int:
         """Longest sequence the mechanism handles for a model trained at config.block_size."""
         return config.block_size

@@ -59,20 +59,14 @@ class DisruptSET(AttentionMechanism):
 
     def __init__(self, config: Config, block_idx: int, options: DisruptSETOptions):
         super().__init__(config, block_idx, options)
-        self.disrupt_id = DISRUPT_ID if options.disrupt_id is None else options.disrupt_id
-        if self.disrupt_id >= config.padded_vocab_size:
-            raise ValueError(
-                f"disrupt_set: disrupt_id {self.disrupt_id} is outside the vocabulary ({config.padded_vocab_size}); "
-                "set attention.disrupt_id to the id of the Disrupt token in this model's tokenizer"
-            )
+        self.disrupt_id = self.token_id_option("disrupt_id", DISRUPT_ID, "the Disrupt token")
 
     @classmethod
     def validate_options(cls, options: DisruptSETOptions) -> None:
         super().validate_options(options)
         if options.num_sink < 0:
             raise ValueError(f"disrupt_set: num_sink must be >= 0, got {options.num_sink}")
-        if options.disrupt_id is not None and options.disrupt_id < 0:
-            raise ValueError(f"disrupt_set: disrupt_id must be a token id >= 0 (or null), got {options.disrupt_id}")
+        cls.check_token_id_option(options, "disrupt_id")
 
     # ------------------------------------------------------------------ metadata
     def prepare_context(self, ctx: AttentionContext) -> None:

@@ -137,12 +137,7 @@ class HybridAttention(AttentionMechanism):
 
     def __init__(self, config: Config, block_idx: int, options: HybridOptions):
         super().__init__(config, block_idx, options)
-        self.endthought_id = ENDTHOUGHT_ID if options.endthought_id is None else options.endthought_id
-        if self.endthought_id >= config.padded_vocab_size:
-            raise ValueError(
-                f"hybrid: endthought_id {self.endthought_id} is outside the vocabulary ({config.padded_vocab_size}); "
-                "set attention.endthought_id to the id of the prefix-ending token in this model's tokenizer"
-            )
+        self.endthought_id = self.token_id_option("endthought_id", ENDTHOUGHT_ID, "the prefix-ending token")
         if block_idx != 0:  # the model runs the layer loop of block 0's mechanism: it owns the loop's parts
             return
         k = options.thought_layers
@@ -180,8 +175,7 @@ class HybridAttention(AttentionMechanism):
             )
         if not options.refine_lr > 0:
             raise ValueError(f"hybrid: refine_lr must be > 0, got {options.refine_lr}")
-        if options.endthought_id is not None and options.endthought_id < 0:
-            raise ValueError(f"hybrid: endthought_id must be a token id >= 0 (or null), got {options.endthought_id}")
+        cls.check_token_id_option(options, "endthought_id")
 
     def reset_parameters(self) -> None:
         if self.block_idx != 0:

@@ -67,8 +67,7 @@ from torch.utils.data import Dataset
 
 from litattn import tokens as tk
 from litattn.args import check_range, check_seed
-from litattn.data.base import DataModule, EpochDataset
-from litattn.data.stdlib import StdlibCorpus
+from litattn.data.base import DataModule, EpochDataset, wrapped_data
 from litattn.tokenizer import Tokenizer
 from litattn.tokens import SetKind
 
@@ -192,12 +191,7 @@ class InjectTokens(DataModule):
     """Seed of the random placements and of the SET ids drawn; items depend on (seed, epoch, index) alone."""
 
     def __post_init__(self) -> None:
-        if self.data is None:
-            self.data = StdlibCorpus()
-        if not isinstance(self.data, DataModule):
-            raise TypeError(f"data must be a data module (e.g. StdlibCorpus, TextFiles, AlpacaJSON), got {self.data!r}")
-        if isinstance(self.data, InjectTokens):
-            raise ValueError("data is already an InjectTokens: give one InjectTokens both disrupt and set")
+        self.data = wrapped_data(self.data, "data", "StdlibCorpus, TextFiles, AlpacaJSON", InjectTokens)
         self.disrupt = _placement(DisruptPlacement, self.disrupt, "disrupt")
         self.set = _placement(SETPlacement, self.set, "set")
         if self.disrupt is None and self.set is None:

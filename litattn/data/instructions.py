@@ -208,8 +208,8 @@ class InstructionData(DataModule):
     """Instruction examples for finetuning: `setup` tokenizes them with the checkpoint's tokenizer, pads and masks.
 
     Subclasses say where the examples come from (`load_examples`) and declare, as dataclass fields, at least
-    `truncation: Truncation`, `importance`, `scorer`, `protect_instruction` and `prefix: bool` (TRUNCATION_DOCS
-    has their descriptions).
+    `truncation: Truncation`, `importance`, `scorer`, `protect_instruction` and `prefix: bool` (AlpacaJSON's
+    docstrings describe them).
     """
 
     truncation: Truncation = "right"
@@ -454,6 +454,13 @@ class AlpacaJSON(InstructionData):
 
 def read_examples(path: Path | str) -> list[Example]:
     """The examples in a JSON list or JSONL file, with one-line errors that name the file and the fix."""
+    records, _ = read_records(path)
+    return [parse_example(Path(path), where, record) for where, record in records]
+
+
+def read_records(path: Path | str) -> tuple[list[tuple[str, object]], bool]:
+    """The raw records of a JSON list or JSONL file as (where, record) pairs, and whether it is a JSON list;
+    one-line errors for a missing, non-UTF-8, invalid or empty file. `read_examples` checks each record."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -485,10 +492,11 @@ def read_examples(path: Path | str) -> list[Example]:
                 ) from None
     if not records:
         raise ValueError(f'{path} holds no examples; add {{"instruction", "input", "output"}} objects to it')
-    return [_example(path, where, record) for where, record in records]
+    return records, text.lstrip().startswith("[")
 
 
-def _example(path: Path, where: str, record: object) -> Example:
+def parse_example(path: Path, where: str, record: object) -> Example:
+    """One record of an instruction file, checked (one-line errors naming the file and `where`), as an Example."""
     if not isinstance(record, dict):
         raise ValueError(
             f"{path}, {where}: expected an object with 'instruction' and 'output', got {type(record).__name__}"

@@ -21,8 +21,7 @@ from torch.utils.data import Dataset
 
 from litattn import passkey as pk
 from litattn.args import check_range, check_seed
-from litattn.data.base import DataModule, TokenWindows, item_index
-from litattn.data.stdlib import StdlibCorpus
+from litattn.data.base import DataModule, TokenWindows, item_index, wrapped_data
 from litattn.data.text_files import _unit_hash
 from litattn.tokenizer import Tokenizer
 
@@ -63,10 +62,7 @@ class PasskeyMix(DataModule):
     """Seed of which windows are replaced and of their keys, depths and lengths."""
 
     def __post_init__(self) -> None:
-        if self.corpus is None:
-            self.corpus = StdlibCorpus()
-        if not isinstance(self.corpus, DataModule):
-            raise TypeError(f"corpus must be a data module (e.g. StdlibCorpus, TextFiles), got {self.corpus!r}")
+        self.corpus = wrapped_data(self.corpus, "corpus", "StdlibCorpus, TextFiles", PasskeyMix)
         check_range("fraction", self.fraction, gt=0, le=1)
         check_seed("seed", self.seed)
         self._tokenizer: Tokenizer | None = None

@@ -52,8 +52,7 @@ import torch
 from torch.utils.data import Dataset
 
 from litattn.args import check_range, check_seed
-from litattn.data.base import DataModule, EpochDataset
-from litattn.data.stdlib import StdlibCorpus
+from litattn.data.base import DataModule, EpochDataset, wrapped_data
 from litattn.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -85,12 +84,7 @@ class SampledPrefix(DataModule):
     """Seed of the prefix lengths; items depend on (seed, epoch, index) alone."""
 
     def __post_init__(self) -> None:
-        if self.data is None:
-            self.data = StdlibCorpus()
-        if not isinstance(self.data, DataModule):
-            raise TypeError(f"data must be a data module (e.g. StdlibCorpus, TextFiles), got {self.data!r}")
-        if isinstance(self.data, SampledPrefix):
-            raise ValueError("data is already a SampledPrefix: give one SampledPrefix the prefix options")
+        self.data = wrapped_data(self.data, "data", "StdlibCorpus, TextFiles", SampledPrefix)
         check_range("min_fraction", self.min_fraction, ge=0, le=1)
         check_range("max_fraction", self.max_fraction, ge=0, le=1)
         if self.max_fraction < self.min_fraction:

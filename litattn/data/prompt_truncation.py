@@ -107,8 +107,27 @@ def fit(
     return (*cut, np.concatenate([kept, len(prompt) + np.arange(n_response)]))
 
 
+POSITIONAL = {"input_right": -1.0, "input_left": 1.0}
+"""The positional strategies: the sign of each token's position as its score (later tokens go first / last)."""
+
+
+def prompt_scores(strategy: str, prompts: Sequence, importance=None, model=None) -> list[torch.Tensor]:
+    """One (len,) float tensor of token scores per prompt (ids): by position (`POSITIONAL`), by `model` on each
+    prompt itself in windows of its context (attention_live), else by the `importance` dictionary."""
+    prompts = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+    if strategy in POSITIONAL:
+        return [POSITIONAL[strategy] * torch.arange(len(p), dtype=torch.float32) for p in prompts]
+    if strategy == "attention_live":
+        from litattn.truncation import windowed_token_scores
+
+        return windowed_token_scores(model, prompts)
+    return [importance.scores_of(p) for p in prompts]
+
+
 class PromptScorer:
-    """Scores of every prompt token for one strategy: `scores(prompts)` -> one (len,) float tensor per prompt."""
+    """The scores of one data module's strategy (`scores(prompts)`) and what its cache key holds of them. The
+    scorer checkpoint's weights load, and idf counts the training prompts, only when scores are asked for (a
+    cached cut needs neither)."""
 
     def __init__(
         self,
@@ -118,16 +137,14 @@ class PromptScorer:
         tokenizer: Tokenizer,
         train_prompts: Sequence[np.ndarray],
     ) -> None:
-        from litattn.truncation import Importance, build_frequency
+        from litattn.truncation import Importance
 
-        self.strategy, self.model = strategy, None
-        if strategy in ("input_right", "input_left"):
+        self.strategy, self.importance, self._scorer, self._model = strategy, None, scorer, None
+        self._train_prompts = train_prompts
+        if strategy in POSITIONAL:
             self.key = [strategy]
         elif strategy == "attention_live":
-            from litattn.checkpoint import load_with_tokenizer
-
-            self.model, scorer_tokenizer, _ = load_with_tokenizer(Path(scorer), torch.device("cpu"))
-            if scorer_tokenizer.fingerprint() != tokenizer.fingerprint():
+            if Tokenizer(Path(scorer)).fingerprint() != tokenizer.fingerprint():
                 raise ValueError(
                     f"scorer {str(scorer)!r} has another tokenizer than the data's: score with a checkpoint of the "
                     "same tokenizer (e.g. the one being finetuned)"
@@ -137,18 +154,24 @@ class PromptScorer:
             self.importance = Importance.load(importance)
             self.key = [strategy, file_digest(Path(importance))]
         else:  # idf of the training prompts
-            self.importance = build_frequency(list(train_prompts))
             self.key = [strategy, "train-prompts"]
 
-    def scores(self, prompts: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        if self.strategy in ("input_right", "input_left"):  # later tokens score lower / higher
-            sign = -1.0 if self.strategy == "input_right" else 1.0
-            return [sign * torch.arange(len(p), dtype=torch.float32) for p in prompts]
-        if self.model is None:
-            return [self.importance.scores_of(torch.as_tensor(p, dtype=torch.long)) for p in prompts]
-        from litattn.truncation import windowed_token_scores
+    @property
+    def model(self):
+        """The scorer checkpoint's model (attention_live), loaded on first use."""
+        if self._model is None:
+            from litattn.checkpoint import load_with_tokenizer
 
-        return windowed_token_scores(self.model, [torch.as_tensor(p, dtype=torch.long) for p in prompts])
+            self._model = load_with_tokenizer(Path(self._scorer), torch.device("cpu"))[0]
+        return self._model
+
+    def scores(self, prompts: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        if self.strategy == "idf" and self.importance is None:
+            from litattn.truncation import build_frequency
+
+            self.importance = build_frequency(list(self._train_prompts))
+        model = self.model if self.strategy == "attention_live" else None
+        return prompt_scores(self.strategy, prompts, self.importance, model)
 
 
 def _weights_digest(checkpoint_dir: Path) -> str:
