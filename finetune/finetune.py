@@ -27,7 +27,7 @@ from litattn.loop import hyperparameters_of, launch_and_fit
 
 def setup(
     checkpoint_dir: Path,
-    method: Method = "ssa",
+    method: Method = "mechanism",
     model: dict[str, Any] | None = None,
     out_dir: Path = Path("out/finetune"),
     data: DataModule | None = None,
@@ -54,7 +54,8 @@ def setup(
     Args:
         checkpoint_dir: The checkpoint to start from (litattn, converted from Hugging Face, or litgpt); its
             tokenizer is used.
-        method: full (every parameter), ssa (only the attention mechanism's own parameters) or lora
+        method: full (every parameter), mechanism (only the attention mechanism's own parameters; `ssa` is an
+            alias) or lora
             (adapters + the mechanism's parameters, merged into the saved weights).
         model: Overrides of the checkpoint's config, e.g. `{attention: {name: ssa, identity_init: true}}`.
         out_dir: Directory for checkpoints (`step-XXXXXXXX/`, `final/`) and logs.

@@ -1,8 +1,9 @@
 """What each finetuning method trains: plans (litattn/plan.py) that start from a checkpoint's weights.
 
-full   every parameter
-ssa    only the attention mechanism's own parameters (SSA's beta and temperatures): the base weights
-       stay bit-identical, as in the SSA authors' finetuning runs
+full       every parameter
+mechanism  only the attention mechanism's own parameters (SSA's beta and temperatures, hybrid's
+           thought-layer refinements, ...): the base weights stay bit-identical, as in the SSA
+           authors' finetuning runs; `ssa` is an alias of it
 lora   LoRA adapters on chosen linear layers plus the mechanism's own parameters; checkpoints hold
        the merged weights, so `generate` uses them directly
 """
@@ -10,6 +11,7 @@ lora   LoRA adapters on chosen linear layers plus the mechanism's own parameters
 from __future__ import annotations
 
 from pathlib import Path
+import warnings
 from typing import Any, Literal
 
 from torch import Tensor
@@ -19,7 +21,7 @@ from litattn.config import Config
 from litattn.model import GPT, is_mechanism_parameter
 from litattn.plan import TrainingPlan
 
-Method = Literal["full", "ssa", "lora"]
+Method = Literal["full", "mechanism", "ssa", "lora"]
 
 
 def _train_only(model: GPT, keep) -> None:
@@ -27,13 +29,13 @@ def _train_only(model: GPT, keep) -> None:
         p.requires_grad_(keep(name))
 
 
-class SSAFinetune(TrainingPlan):
+class MechanismFinetune(TrainingPlan):
     """Only the attention mechanism's own parameters train; everything else is frozen."""
 
     def prepare(self, model: GPT) -> None:
         if not any(is_mechanism_parameter(name) for name, _ in model.named_parameters()):
             raise ValueError(
-                f"method=ssa trains only the attention mechanism's own parameters, and "
+                f"method=mechanism trains only the attention mechanism's own parameters, and "
                 f"{self.config.attention['name']!r} has none; switch the attention (--model.attention.name ssa) "
                 "or use method=full or method=lora"
             )
@@ -87,8 +89,14 @@ class LoRAFinetune(TrainingPlan):
 def make_plan(method: Method, config: Config, checkpoint_dir: Path, lora: LoRAArgs) -> TrainingPlan:
     if method == "full":  # every parameter trains: pretraining's plan, started from the checkpoint
         return TrainingPlan(config, checkpoint_dir)
-    if method == "ssa":
-        return SSAFinetune(config, checkpoint_dir)
+    if method in ("mechanism", "ssa"):
+        if method == "ssa":
+            warnings.warn(
+                f"method=ssa is an alias of method=mechanism: it trains the attention mechanism's own parameters, "
+                f"whichever mechanism runs (here {config.attention['name']!r})",
+                stacklevel=2,
+            )
+        return MechanismFinetune(config, checkpoint_dir)
     if method == "lora":
         return LoRAFinetune(config, checkpoint_dir, lora)
-    raise ValueError(f"method must be one of full, ssa, lora; got {method!r}")
+    raise ValueError(f"method must be one of full, mechanism (alias: ssa), lora; got {method!r}")

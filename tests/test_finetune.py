@@ -17,6 +17,7 @@ from litattn.config import resolve_model_config
 from litattn.data import AlpacaJSON
 from litattn.data.instructions import InstructionDataset
 from litattn.finetune.finetune import setup
+from litattn.finetune.methods import make_plan
 from litattn.lora import add_lora, merged_state_dict
 from litattn.model import GPT
 from litattn.tokenizer import Tokenizer
@@ -49,7 +50,7 @@ def examples(tmp_path_factory) -> Path:
 def finetune(tmp_path, base, examples, **overrides) -> Path:
     kwargs = dict(
         checkpoint_dir=base,
-        method="ssa",
+        method="mechanism",
         model=SSA,
         out_dir=tmp_path / "out",
         data=AlpacaJSON(train_file=examples, val_fraction=0.2),
@@ -94,6 +95,21 @@ def test_method_ssa_trains_only_the_ssa_parameters(tmp_path, base, examples):
     assert any(not torch.equal(after[k], fresh[k]) for k in new)
     val = metrics(out, "val_loss")
     assert sorted(val) == [0, 3, 6]
+
+
+def test_method_ssa_is_an_alias_of_mechanism_and_says_so(base):
+    """`mechanism` trains whichever mechanism's own parameters (hybrid's too); `ssa` names the same plan."""
+    for attention, owned in (({"name": "ssa"}, ".attn.mechanism."), ({"name": "hybrid", "reweighting": True}, ".attn.mechanism.")):
+        config = ckpt.load_config(base, attention=attention)
+        with pytest.warns(UserWarning, match=rf"method=ssa is an alias of method=mechanism.*{attention['name']!r}"):
+            alias = make_plan("ssa", config, base, LoRAArgs())
+        trained = {}
+        for plan in (make_plan("mechanism", config, base, LoRAArgs()), alias):
+            model = GPT(config)
+            plan.prepare(model)
+            trained[type(plan)] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        (names,) = set(map(tuple, trained.values()))  # one plan class, the same trained parameters
+        assert names and all(owned in n for n in names), names
 
 
 def test_identity_init_ssa_starts_at_the_checkpoints_own_loss(tmp_path, base, examples):
@@ -246,7 +262,7 @@ def test_finetune_cli_errors_are_one_line(tmp_path, base, capsys):
         main(["finetune", "--checkpoint_dir", str(tmp_path / "missing"), "--accelerator", "cpu"])
     assert e.value.code == 2 and "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["finetune", "--checkpoint_dir", str(base), "--method", "ssa", "--accelerator", "cpu"])
+        main(["finetune", "--checkpoint_dir", str(base), "--method", "mechanism", "--accelerator", "cpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--model.attention.name ssa" in err and len(err.strip().splitlines()) == 1
     no_tokenizer = tmp_path / "no-tokenizer"
