@@ -99,7 +99,10 @@ def test_method_ssa_trains_only_the_ssa_parameters(tmp_path, base, examples):
 
 def test_method_ssa_is_an_alias_of_mechanism_and_says_so(base):
     """`mechanism` trains whichever mechanism's own parameters (hybrid's too); `ssa` names the same plan."""
-    for attention, owned in (({"name": "ssa"}, ".attn.mechanism."), ({"name": "hybrid", "reweighting": True}, ".attn.mechanism.")):
+    for attention, owned in (
+        ({"name": "ssa"}, ".attn.mechanism."),
+        ({"name": "hybrid", "reweighting": True}, ".attn.mechanism."),
+    ):
         config = ckpt.load_config(base, attention=attention)
         with pytest.warns(UserWarning, match=rf"method=ssa is an alias of method=mechanism.*{attention['name']!r}"):
             alias = make_plan("ssa", config, base, LoRAArgs())

@@ -45,21 +45,6 @@ class DataModule(ABC):
         return inner.innermost() if isinstance(inner, DataModule) else self
 
 
-def wrapped_data(inner: DataModule | None, name: str, examples: str, wrapper: type) -> DataModule:
-    """The data module a wrapper (InjectTokens, SampledPrefix, PasskeyMix) reads from: `inner`, or StdlibCorpus
-    when None; one-line errors for a value that is not a data module or is the wrapper itself."""
-    if inner is None:
-        from litattn.data.stdlib import StdlibCorpus  # here: stdlib imports this module
-
-        return StdlibCorpus()
-    if not isinstance(inner, DataModule):
-        raise TypeError(f"{name} must be a data module (e.g. {examples}), got {inner!r}")
-    if isinstance(inner, wrapper):
-        article = "an" if wrapper.__name__[0] in "AEIOU" else "a"
-        raise ValueError(f"{name} is already {article} {wrapper.__name__}: give one {wrapper.__name__} all its options")
-    return inner
-
-
 def item_index(i: int, n: int, what: str) -> int:
     """Index i of n items as a non-negative index (negative ones count from the end); IndexError out of range."""
     if i < 0:

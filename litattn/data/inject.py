@@ -67,7 +67,8 @@ from torch.utils.data import Dataset
 
 from litattn import tokens as tk
 from litattn.args import check_range, check_seed
-from litattn.data.base import DataModule, EpochDataset, wrapped_data
+from litattn.data.base import DataModule, EpochDataset
+from litattn.data.wrapping import wrapped_data
 from litattn.tokenizer import Tokenizer
 from litattn.tokens import SetKind
 

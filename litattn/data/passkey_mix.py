@@ -21,8 +21,9 @@ from torch.utils.data import Dataset
 
 from litattn import passkey as pk
 from litattn.args import check_range, check_seed
-from litattn.data.base import DataModule, TokenWindows, item_index, wrapped_data
+from litattn.data.base import DataModule, TokenWindows, item_index
 from litattn.data.text_files import _unit_hash
+from litattn.data.wrapping import wrapped_data
 from litattn.tokenizer import Tokenizer
 
 if TYPE_CHECKING:

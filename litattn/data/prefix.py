@@ -52,7 +52,8 @@ import torch
 from torch.utils.data import Dataset
 
 from litattn.args import check_range, check_seed
-from litattn.data.base import DataModule, EpochDataset, wrapped_data
+from litattn.data.base import DataModule, EpochDataset
+from litattn.data.wrapping import wrapped_data
 from litattn.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
