@@ -10,8 +10,8 @@ lora   LoRA adapters on chosen linear layers plus the mechanism's own parameters
 
 from __future__ import annotations
 
-from pathlib import Path
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 from torch import Tensor
