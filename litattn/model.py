@@ -302,6 +302,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, (nh + 2 * ng) * hs, bias=config.bias)
         self.proj = nn.Linear(nh * hs, config.n_embd, bias=config.bias)
         self.mechanism = mechanism_cls(config, block_idx, options)
+        self.mechanism.build_modules(lambda idx: Block(config, idx, mechanism_cls, options))
         self.n_head, self.n_query_groups, self.head_size = nh, ng, hs
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:

@@ -175,6 +175,11 @@ class AttentionMechanism(nn.Module):
         """Longest sequence the mechanism handles for a model trained at config.block_size."""
         return config.block_size
 
+    def build_modules(self, make_block: Callable[[int], nn.Module]) -> None:
+        """Called once, right after construction, with `make_block(block_idx)`, a factory of new model blocks of
+        this config and mechanism: a mechanism whose parts are built from the model's own (hybrid's added
+        thought layers) makes them here, as mechanisms do not import the model. Nothing by default."""
+
     def reset_parameters(self) -> None:
         """Initialise the mechanism's own parameters (called after the model's init)."""
 

@@ -146,13 +146,15 @@ class HybridAttention(AttentionMechanism):
                 f"hybrid: thought_layers={k} exceeds the model's {config.n_layer} layers; lower it or set "
                 "add_thought_layers: true"
             )
-        if options.add_thought_layers:
-            from litattn.model import Block  # here: litattn.model imports the attention package
 
-            # indexes after the model's blocks; a block_idx != 0 builds no loop parts of its own
-            self.thought_blocks = nn.ModuleList(
-                Block(config, config.n_layer + i, type(self), options) for i in range(k)
-            )
+    def build_modules(self, make_block) -> None:
+        """Block 0 owns the layer loop's parts: added thought layers (new blocks after the model's, indexes
+        n_layer..) and the refinements' parameters."""
+        if self.block_idx != 0:
+            return
+        options, n_layer = self.options, self.config.n_layer
+        if options.add_thought_layers:
+            self.thought_blocks = nn.ModuleList(make_block(n_layer + i) for i in range(options.thought_layers))
         if options.reweighting:
             self.reweight_weight = nn.Parameter(torch.zeros(()))
             self.reweight_bias = nn.Parameter(torch.zeros(()))

@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     from litattn.attention.base import AttentionMechanism
 
 _REGISTRY: dict[str, type[AttentionMechanism]] = {}
+# Built-in mechanisms register when their module is first imported, on first use of their name: so the config and
+# the model can import this registry without importing every mechanism (none of which imports them back).
+BUILTIN_MODULES = {
+    "causal": "litattn.attention.causal",
+    "disrupt_set": "litattn.attention.disrupt_set",
+    "hybrid": "litattn.attention.hybrid",
+    "self_extend": "litattn.attention.self_extend",
+    "ssa": "litattn.attention.ssa",
+}
 
 
 def register_attention(name: str) -> Callable[[type[AttentionMechanism]], type[AttentionMechanism]]:
@@ -41,10 +50,15 @@ def register_attention(name: str) -> Callable[[type[AttentionMechanism]], type[A
 
 
 def available_attention() -> list[str]:
+    for name, module in BUILTIN_MODULES.items():
+        if name not in _REGISTRY:
+            importlib.import_module(module)
     return sorted(_REGISTRY)
 
 
 def get_attention(name: str) -> type[AttentionMechanism]:
+    if name not in _REGISTRY and name in BUILTIN_MODULES:
+        importlib.import_module(BUILTIN_MODULES[name])
     try:
         return _REGISTRY[name]
     except KeyError:
