@@ -17,8 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from litattn.attention import normalize_attention_spec
-from litattn.attention.registry import merge_attention_specs
+from litattn.attention.registry import AttentionSpec, merge_attention_specs
 from litattn.typecheck import check_value, field_hints
 
 
@@ -89,7 +88,15 @@ class Config:
             if self.mlp_class_name == "LLaMAMLP":
                 raise ValueError("LLaMAMLP needs an explicit intermediate_size")
             self.intermediate_size = 4 * self.n_embd
-        self.attention = normalize_attention_spec(self.attention)
+        self._attention_spec = AttentionSpec.parse(self.attention)
+        self.attention = self._attention_spec.to_dict()
+
+    @property
+    def attention_spec(self) -> AttentionSpec:
+        """The attention spec, parsed once (parsed again only if `attention` was assigned since)."""
+        if self.attention != self._attention_spec.to_dict():
+            self._attention_spec = AttentionSpec.parse(self.attention)
+        return self._attention_spec
 
     def _check_values(self) -> None:
         """Each field against its type hint (a command-line "2" becomes 2), then the ranges: one-line ValueErrors."""

@@ -23,7 +23,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from litattn.attention import AttentionContext
-from litattn.attention.registry import split_spec
 from litattn.config import Config
 from litattn.loss_head import linear_cross_entropy
 
@@ -32,7 +31,8 @@ class GPT(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        self.mechanism_cls, self.attention_options = split_spec(config.attention)  # parsed once, for every layer
+        spec = config.attention_spec  # parsed once, for every layer
+        self.mechanism_cls, self.attention_options = spec.mechanism, spec.options
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
         self.transformer = nn.ModuleDict(
             dict(

@@ -94,35 +94,57 @@ def parse_options(cls: type[AttentionMechanism], values: dict[str, Any]) -> Any:
     return options
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """An `attention:` spec parsed once: the mechanism class, its typed options, and, for a mechanism that wraps
+    another (SSA's `base` option), the wrapped one's spec, parsed too. The model and the mechanisms read this;
+    `to_dict()` is the YAML form (every option filled in) that `model_config.yaml` stores."""
+
+    name: str
+    mechanism: type[AttentionMechanism]
+    options: Any  # mechanism.Options
+    module: str | None = None
+    base: AttentionSpec | None = None
+
+    @classmethod
+    def parse(cls, spec: str | dict[str, Any] | AttentionSpec | None) -> AttentionSpec:
+        if isinstance(spec, AttentionSpec):
+            return spec
+        if spec is None:
+            spec = {"name": "causal"}
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        if not isinstance(spec, dict):
+            raise ValueError(f"attention must be a mapping like {{'name': 'causal'}}, got {spec!r}")
+        values = dict(spec)
+        name = values.pop("name", None)
+        if not name:
+            raise ValueError("The attention spec needs a `name`, e.g. attention: {name: causal}")
+        module = values.pop("module", None)
+        if module:
+            _import_module(module)
+        mechanism = get_attention(name)
+        options = parse_options(mechanism, values)
+        # a mechanism that wraps another (SSA) parses the wrapped spec in its validate_options, as `base_spec`
+        return cls(name, mechanism, options, module or None, getattr(options, "base_spec", None))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if self.module:
+            out["module"] = self.module
+        out.update(dataclasses.asdict(self.options))
+        return out
+
+
 def normalize_attention_spec(spec: str | dict[str, Any] | None) -> dict[str, Any]:
     """Validate a spec and return it with every option filled in (what `model_config.yaml` stores)."""
-    if spec is None:
-        spec = {"name": "causal"}
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if not isinstance(spec, dict):
-        raise ValueError(f"attention must be a mapping like {{'name': 'causal'}}, got {spec!r}")
-    values = dict(spec)
-    name = values.pop("name", None)
-    if not name:
-        raise ValueError("The attention spec needs a `name`, e.g. attention: {name: causal}")
-    module = values.pop("module", None)
-    if module:
-        _import_module(module)
-    cls = get_attention(name)
-    options = parse_options(cls, values)
-    out: dict[str, Any] = {"name": name}
-    if module:
-        out["module"] = module
-    out.update(dataclasses.asdict(options))
-    return out
+    return AttentionSpec.parse(spec).to_dict()
 
 
 def split_spec(spec: dict[str, Any]) -> tuple[type[AttentionMechanism], Any]:
-    """(mechanism class, typed options) from a normalized spec."""
-    values = {k: v for k, v in spec.items() if k not in ("name", "module")}
-    cls = get_attention(spec["name"])
-    return cls, parse_options(cls, values)
+    """(mechanism class, typed options) from a spec."""
+    parsed = AttentionSpec.parse(spec)
+    return parsed.mechanism, parsed.options
 
 
 def merge_attention_specs(old: Any, new: Any, where: str = "attention") -> Any:

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from litattn.attention.base import AttentionContext, AttentionMechanism, AttentionOptions
-from litattn.attention.registry import normalize_attention_spec, register_attention, split_spec
+from litattn.attention.registry import AttentionSpec, register_attention
 
 if TYPE_CHECKING:
     from litattn.config import Config
@@ -88,8 +88,8 @@ class SelectiveSelfAttention(AttentionMechanism):
 
     def __init__(self, config: Config, block_idx: int, options: SSAOptions):
         super().__init__(config, block_idx, options)
-        base_cls, base_options = split_spec(normalize_attention_spec(options.base))
-        self.base = base_cls(config, block_idx, base_options)
+        base = options.base_spec
+        self.base = base.mechanism(config, block_idx, base.options)
         # Capabilities follow the base (the model asks the instance).
         self.supports_training = self.base.supports_training
         self.supports_kv_cache = self.base.supports_kv_cache
@@ -128,17 +128,16 @@ class SelectiveSelfAttention(AttentionMechanism):
                 )
             base["kernel"] = options.kernel
         try:
-            options.base = normalize_attention_spec(base)  # the full nested spec goes to model_config.yaml
+            options.base_spec = AttentionSpec.parse(base)  # parsed once here, for every layer (not a field)
         except (ValueError, TypeError) as e:
             raise type(e)(f"ssa base: {e}") from None
-        base_cls, _ = split_spec(options.base)
-        if issubclass(base_cls, SelectiveSelfAttention):
+        options.base = options.base_spec.to_dict()  # the full nested spec goes to model_config.yaml
+        if issubclass(options.base_spec.mechanism, SelectiveSelfAttention):
             raise ValueError("ssa: the base must be another mechanism (SSA cannot wrap SSA)")
 
     @classmethod
     def max_seq_length(cls, config: Config, options: SSAOptions) -> int:
-        base_cls, base_options = split_spec(options.base)
-        return base_cls.max_seq_length(config, base_options)
+        return options.base_spec.mechanism.max_seq_length(config, options.base_spec.options)
 
     def reset_parameters(self) -> None:
         opts = self.options
