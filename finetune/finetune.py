@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from litattn import checkpoint as ckpt
-from litattn.args import EvalArgs, LogArgs, LoRAArgs, OptimizerArgs, TrainArgs
+from litattn.args import EvalArgs, LogArgs, LoRAArgs, OptimizerArgs, TrainArgs, check_run_args
 from litattn.data import DataModule, PyDocQA
 from litattn.data.instructions import InstructionData, format_prompt
 from litattn.finetune.methods import Method, make_plan
@@ -83,7 +83,6 @@ def setup(
         cache_dir: Where tokenized examples are cached.
     """
     hyperparameters = hyperparameters_of(dict(locals()))
-    from litattn.args import check_run_args
 
     check_run_args(seed=seed, devices=devices, num_nodes=num_nodes, train=train)  # before any work
     config = ckpt.load_config(checkpoint_dir, **(model or {}))

@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from litattn import checkpoint as ckpt
 from litattn.args import LoRAArgs
 from litattn.config import Config
+from litattn.lora import LORA_A, adapter_state, add_lora, is_lora_parameter, merged_state_dict
 from litattn.model import GPT, is_mechanism_parameter
 from litattn.plan import TrainingPlan
 
@@ -51,28 +53,19 @@ class LoRAFinetune(TrainingPlan):
         self.lora = lora
 
     def prepare(self, model: GPT) -> None:
-        from litattn.lora import add_lora, is_lora_parameter
-
         add_lora(model, self.lora)
         _train_only(model, lambda name: is_mechanism_parameter(name) or is_lora_parameter(name))
 
     def weights(self, model: GPT) -> dict[str, Tensor]:
-        from litattn.lora import merged_state_dict
-
         return merged_state_dict(model)
 
     def resume_state(self, model: GPT) -> dict[str, Any]:
-        from litattn.lora import adapter_state
-
         return {"lora": adapter_state(model)}
 
     def restore(self, model: GPT, directory: Path, saved: dict[str, Any]) -> None:
         """The frozen base weights are the initial checkpoint's (already loaded); the merged weights of the
         saved checkpoint must not be loaded over them. The rest comes from the checkpoint, the adapters from
         its training state."""
-        from litattn import checkpoint as ckpt
-        from litattn.lora import LORA_A
-
         if "lora" not in saved:
             raise ValueError(f"{directory} has no LoRA adapters in its training state: it was not saved by method=lora")
         merged = {f"{name}.weight" for name, m in model.named_modules() if hasattr(m, LORA_A)}

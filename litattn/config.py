@@ -19,6 +19,7 @@ import yaml
 
 from litattn.attention.registry import AttentionSpec, merge_attention_specs
 from litattn.typecheck import check_value, field_hints
+from litattn.utils import atomic_write_text
 
 
 @dataclass
@@ -156,8 +157,6 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write `model_config.yaml` (atomically: a reader never sees half a file)."""
-        from litattn.utils import atomic_write_text
-
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 

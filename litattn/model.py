@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from litattn.attention import AttentionContext
+from litattn.attention.observers import DenseMaps
 from litattn.config import Config
 from litattn.loss_head import linear_cross_entropy
 
@@ -118,8 +119,6 @@ class GPT(nn.Module):
     def attention_maps(self, idx: torch.Tensor, **metadata: Any) -> list[torch.Tensor]:
         """Attention probabilities of every block application, [(B, n_head, T, T)] * block_applications(),
         as the mechanism computes them (dense: for short inputs)."""
-        from litattn.attention.observers import DenseMaps
-
         maps = DenseMaps()
         self.observe(idx, maps, **metadata)
         return list(maps.maps.values())

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from litattn import checkpoint as ckpt
 from litattn.args import OptimizerArgs
 from litattn.config import Config
+from litattn.model import GPT
 from litattn.training import parameter_groups
 
 if TYPE_CHECKING:
@@ -34,9 +36,6 @@ class TrainingPlan:
         self.initial_checkpoint_dir = Path(initial_checkpoint_dir) if initial_checkpoint_dir is not None else None
 
     def build(self, fabric, resuming: bool) -> GPT:
-        from litattn import checkpoint as ckpt
-        from litattn.model import GPT
-
         # Skipping init is safe only when every parameter is then overwritten by the resumed checkpoint.
         with fabric.init_module(empty_init=resuming and self.initial_checkpoint_dir is None):
             model = GPT(self.config)
@@ -61,8 +60,6 @@ class TrainingPlan:
         return {}
 
     def restore(self, model: GPT, directory: Path, saved: dict[str, Any]) -> None:
-        from litattn import checkpoint as ckpt
-
         model.load_state_dict(ckpt.load_state_dict(Path(directory) / ckpt.MODEL_FILE))
 
     def describe(self, model: GPT) -> str:

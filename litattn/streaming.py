@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from litattn.args import check_range
 from litattn.attention.base import AttentionMechanism
 
 if TYPE_CHECKING:
@@ -50,8 +51,6 @@ DEFAULT_SINK_SIZE = 4
 
 def check_streaming_args(stream_window: int | None, sink_size: int | None, stream_chunk: int | None = None) -> None:
     """ValueError (one line, naming the argument) for streaming arguments out of range; all None: not streaming."""
-    from litattn.args import check_range
-
     if stream_window is None:
         if sink_size is not None:
             raise ValueError(
@@ -144,8 +143,6 @@ class SinkWindowCache:
     def feed(self, idx: torch.Tensor, chunk: int = 1) -> Iterator[torch.Tensor]:
         """Feed idx (B, T) of any length: first the free slots in one piece, then `chunk` tokens at a time.
         Yields each piece's logits (B, piece, padded_vocab) in order (consume them as they come: memory)."""
-        from litattn.args import check_range
-
         check_range("stream_chunk", chunk, ge=1, le=self.window, bound_name="stream_window")
         start, T = 0, idx.shape[1]
         while start < T:

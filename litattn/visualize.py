@@ -14,7 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+from litattn.checkpoint import load_with_tokenizer
+from litattn.utils import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -47,9 +51,6 @@ def attention(
     Returns:
         The path of the PNG file.
     """
-    from litattn.checkpoint import load_with_tokenizer
-    from litattn.utils import atomic_write
-
     _require_matplotlib()
     checkpoint_dir = Path(checkpoint_dir)
     model, tokenizer, config = load_with_tokenizer(checkpoint_dir, attention=attention_spec)
@@ -118,7 +119,6 @@ def render(
     """
     _require_matplotlib()
     import matplotlib as mpl
-    import numpy as np
     from matplotlib.colors import PowerNorm
     from matplotlib.figure import Figure
 

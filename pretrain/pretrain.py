@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs
+from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs, check_run_args
+from litattn.config import resolve_model_config
 from litattn.data import DataModule, StdlibCorpus
 from litattn.loop import hyperparameters_of, launch_and_fit
 from litattn.plan import TrainingPlan
@@ -67,8 +68,6 @@ def setup(
         cache_dir: Where the trained tokenizer and tokenized data are cached.
     """
     hyperparameters = hyperparameters_of(dict(locals()))
-    from litattn.args import check_run_args
-    from litattn.config import resolve_model_config
 
     check_run_args(seed=seed, devices=devices, num_nodes=num_nodes, train=train)  # before any work
 

@@ -21,10 +21,12 @@ probabilities to an observer (litattn.attention.observers) instead of keeping T 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
 from litattn.attention.masks import MaskMod, materialize
 
@@ -287,8 +289,6 @@ def _additive(allowed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
 
 
 def _flex(q, k, v, mask_mod, scale, return_lse=False):
-    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
-
     if not q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise RuntimeError(
             "The flex kernel cannot train on CPU in this PyTorch (compiled flex on CPU is inference-only); "
@@ -310,11 +310,7 @@ def _flex(q, k, v, mask_mod, scale, return_lse=False):
 
 @functools.cache
 def _flex_fn(compiled: bool):
-    from torch.nn.attention.flex_attention import flex_attention
-
     if not compiled:
-        import warnings
-
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_attention
     return torch.compile(flex_attention, dynamic=False)

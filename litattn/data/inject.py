@@ -69,6 +69,7 @@ from litattn import tokens as tk
 from litattn.args import check_range, check_seed
 from litattn.data.base import DataModule, EpochDataset
 from litattn.data.wrapping import wrapped_data
+from litattn.set_tokens import SETRedraw
 from litattn.tokenizer import Tokenizer
 from litattn.tokens import SetKind
 
@@ -232,8 +233,6 @@ class InjectTokens(DataModule):
         """The wrapped module's hooks, and the re-draw of the SET pool's rows (`set.redraw`)."""
         hooks = self.data.training_hooks()
         if self.set is not None and (self.set.redraw is not None or self.set.freeze):
-            from litattn.set_tokens import SETRedraw
-
             ids = self._require_setup().set_ids.tolist()
             every = None if self.set.redraw in ("epoch", None) else self.set.redraw
             hooks.append(SETRedraw(ids, every_steps=every, freeze=self.set.freeze, redraw=self.set.redraw is not None))
