@@ -77,8 +77,8 @@ def setup(
         devices: Devices per node (or "auto").
         num_nodes: Number of nodes.
         strategy: auto, ddp or fsdp.
-        compile: torch.compile the training forward and loss head as one graph (on CPU 1.04x eager steps in
-            32-true, 1.19x in bf16-mixed; the first step 5-30 s later: off by default).
+        compile: torch.compile the training forward and loss head as one graph (off by default: the first step
+            comes later, and what it gains per step is measured in docs/benchmarks.md).
         seed: Seed for data order and the adapters' init.
         cache_dir: Where tokenized examples are cached.
     """
