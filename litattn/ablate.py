@@ -36,7 +36,7 @@ import yaml
 from litattn import ablate_evaluate
 from litattn.args import check_range, check_seed
 from litattn.config import merge_overrides
-from litattn.utils import atomic_write_text, remove_stale_temps
+from litattn.utils import atomic_write_text, remove_stale_temps, version_number
 
 
 @dataclass
@@ -282,8 +282,6 @@ def _has_checkpoint(run: Run) -> bool:
 # ---------------------------------------------------------------------------------- results
 def _metrics(run: Run) -> list[dict[str, str]]:
     rows = []
-    from litattn.csv_log import version_number
-
     paths = (run.directory / "logs" / "csv").glob("version_*/metrics.csv")
     for path in sorted(paths, key=lambda p: version_number(p.parent) or 0):  # sessions in order
         with open(path) as f:
@@ -456,7 +454,9 @@ def _plots(runs: list[Run], rows: list[dict], variants: list[str], out_dir: Path
         ax.set_xlabel("training tokens")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cross-entropy (nats)")
-    axes[1].legend(title="variant")
+    labelled = [ax for ax in axes[::-1] if ax.get_legend_handles_labels()[0]]  # runs without validation: none
+    if labelled:
+        labelled[0].legend(title="variant")
     fig.tight_layout()
     fig.savefig(out_dir / "loss_curves.png", dpi=120)
     plt.close(fig)

@@ -20,7 +20,7 @@ from typing import Any
 from lightning_fabric.loggers.logger import Logger
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
-from litattn.utils import WriteError, atomic_write_text, write_failure
+from litattn.utils import WriteError, atomic_write_text, version_number, write_failure
 
 METRICS_FILE = "metrics.csv"
 
@@ -110,12 +110,6 @@ def append_whole(path: Path, text: str) -> None:
             raise
     finally:
         os.close(fd)
-
-
-def version_number(directory: Path) -> int | None:
-    """N of a `version_N` directory; None for any other name."""
-    number = Path(directory).name.removeprefix("version_")
-    return int(number) if Path(directory).name.startswith("version_") and number.isdigit() else None
 
 
 def _line(header: list[str], row: dict[str, Any]) -> str:

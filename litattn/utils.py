@@ -116,6 +116,13 @@ def _umask() -> int:
     return mask
 
 
+def version_number(directory: Path) -> int | None:
+    """N of a `version_N` log directory (one per session of a run); None for any other name."""
+    name = Path(directory).name
+    number = name.removeprefix("version_")
+    return int(number) if name.startswith("version_") and number.isdigit() else None
+
+
 def file_digest(path: Path) -> str:
     """A short key of a file's bytes (what a cache built from the file is keyed by)."""
     digest = hashlib.sha256()

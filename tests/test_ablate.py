@@ -246,6 +246,33 @@ def test_epoch_tables_show_validation_and_gap_at_epoch_ends(tmp_path):
     assert cells[3].strip() == f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
 
 
+def test_figures_a_run_does_not_know_are_empty_cells_and_n_a_not_zero(tmp_path):
+    """Issue 20, item 2: a summary with null figures (val_loss, tokens/s, memory) tabulates as empty cells and
+    "n/a", over the runs that know them, and plots without a traceback."""
+    from litattn.ablate import Run, report
+
+    runs = [Run("v", seed, tmp_path / f"seed-{seed}") for seed in (1, 2, 3)]
+    for run, (val, speed) in zip(runs, [(None, None), (4.0, 300.0), (4.2, None)], strict=True):
+        logs = run.directory / "logs" / "csv" / "version_0"
+        logs.mkdir(parents=True)
+        (logs / "metrics.csv").write_text("step,tokens,train_loss\n1,256,5.0\n")
+        summary = {"step": 1, "tokens": 256, "epoch": 0, "val_loss": val, "tokens_per_sec": speed}
+        (run.directory / "summary.json").write_text(json.dumps({**summary, "peak_memory_bytes": None, "parameters": 9}))
+    report(runs, ["v"], "v", [1, 2, 3], None, tmp_path)
+    rows = results(tmp_path)
+    assert [(r["final_val_loss"], r["tokens_per_sec"], r["peak_memory_gib"]) for r in rows] == [
+        ("", "", ""),
+        ("4.0", "300.0", ""),
+        ("4.2", "", ""),
+    ]
+    cells = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| v |")]
+    cells = [c.strip() for c in cells[0].split("|")[3:-2]]
+    assert cells[0] == f"4.1000 ± {statistics.stdev([4.0, 4.2]):.4f} (2 of 3 runs)"
+    assert cells[4:] == ["300 ± 0 (1 of 3 runs)", "n/a"]
+    assert "n/a, or (k of n runs)" in (tmp_path / "results.md").read_text()
+    assert matplotlib.image.imread(tmp_path / "summary.png").std() > 0.05
+
+
 # ---------------------------------------------------------------------------------- a killed grid recovers
 DRIVER = Path(__file__).with_name("fault_driver.py")
 DETERMINISTIC = ["variant", "seed", "steps", "tokens", "final_val_loss", "final_val_ppl", "best_val_loss"]
