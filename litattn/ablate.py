@@ -8,10 +8,12 @@ as its own `litattn <entry_point>` process. A given seed means the same initial 
 the same data order for every variant, so variants differ only in what they override.
 
 A run is finished when its `summary.json` exists; a rerun skips finished runs and resumes
-interrupted ones from their newest checkpoint, so a killed grid completes where it stopped.
-Results: `results.csv` (one row per run), `results.md` (mean and spread over seeds per variant),
-`loss_curves.png` and `summary.png`. With an `evaluate` section, each run's final checkpoint is then
-evaluated (perplexity, passkey) at several lengths with several attention specs: `evaluation.md` and friends.
+interrupted ones from their newest checkpoint (`step-*/` or `final/`: every run gets `--resume auto`), so a
+grid killed at any point completes where it stopped. Ctrl-C stops the grid once the running runs (which get
+it too) have saved. Results: `results.csv` (one row per run; an empty cell where a run's figure is unknown),
+`results.md` (mean and spread over seeds per variant), `loss_curves.png` and `summary.png`. With an
+`evaluate` section, each run's final checkpoint is then evaluated (perplexity, passkey) at several lengths
+with several attention specs: `evaluation.md` and friends.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import yaml
 from litattn import ablate_evaluate
 from litattn.args import check_range, check_seed
 from litattn.config import merge_overrides
-from litattn.utils import atomic_write_text
+from litattn.utils import atomic_write_text, remove_stale_temps, version_number
 
 
 @dataclass
@@ -120,6 +122,8 @@ def ablate(
     if dry_run:
         return out_dir
 
+    for directory in (out_dir, *(run.directory for run in runs)):  # what a killed ablate or run was writing
+        remove_stale_temps(directory)
     todo = [r for r in runs if not r.finished]
     for run in todo:
         shutil.rmtree(run.directory / "eval", ignore_errors=True)  # evaluations of a checkpoint about to change
@@ -127,21 +131,26 @@ def ablate(
         atomic_write_text(run.directory / "run.yaml", yaml.safe_dump(configs[run.name], sort_keys=False))
     _execute(todo, entry_point, parallel)
 
-    rows = [_result(run, variants, baseline, runs) for run in runs]
-    _write_csv(out_dir / "results.csv", rows)
-    table = _markdown(rows, list(variants), seeds, budget) + _epoch_tables(runs, list(variants))
-    atomic_write_text(out_dir / "results.md", table)
-    print(table)
-    _plots(runs, list(variants), out_dir)
-    print(
-        f"Wrote {out_dir / 'results.csv'}, {out_dir / 'results.md'}, {out_dir / 'loss_curves.png'}, "
-        f"{out_dir / 'summary.png'}"
-    )
+    report(runs, list(variants), baseline, seeds, budget, out_dir)
     if evaluations:
         ablate_evaluate.execute(evaluations)
         print(ablate_evaluate.write(ablate_evaluate.rows(evaluations), list(seeds), out_dir))
         print(f"Wrote {out_dir / 'evaluation.csv'}, {out_dir / 'evaluation.md'}, {out_dir / 'evaluation.png'}")
     return out_dir
+
+
+def report(runs: list[Run], variants: list[str], baseline: str, seeds: list[int], budget, out_dir: Path) -> None:
+    """results.csv, results.md, loss_curves.png and summary.png of finished runs."""
+    rows = [_result(run, baseline, runs) for run in runs]
+    _write_csv(out_dir / "results.csv", rows)
+    table = _markdown(rows, variants, seeds, budget) + _epoch_tables(runs, variants)
+    atomic_write_text(out_dir / "results.md", table)
+    print(table)
+    _plots(runs, rows, variants, out_dir)
+    print(
+        f"Wrote {out_dir / 'results.csv'}, {out_dir / 'results.md'}, {out_dir / 'loss_curves.png'}, "
+        f"{out_dir / 'summary.png'}"
+    )
 
 
 # ---------------------------------------------------------------------------------- running
@@ -206,14 +215,35 @@ def _check_values(config: dict[str, Any]) -> None:
 
 
 def _execute(todo: list[Run], entry_point: str, parallel: int) -> None:
-    """Run the processes, at most `parallel` at once; a failed run stops the grid with its log's tail."""
-    pending, active = list(todo), []
+    """Run the processes, at most `parallel` at once; a failed run stops the grid with its log's tail.
+    Ctrl-C (which the runs, in the same process group, receive too) waits for the running runs to save."""
+    active = []
+    try:
+        _launch(todo, entry_point, parallel, active)
+    except KeyboardInterrupt:
+        if active:
+            print(
+                f"Interrupted: waiting for {', '.join(run.name for run, _, _ in active)} to save "
+                "(Ctrl-C again to stop waiting); rerun the ablation to continue",
+                file=sys.stderr,
+                flush=True,
+            )
+            try:
+                for _, proc, _ in active:
+                    proc.wait()
+            except KeyboardInterrupt:
+                pass
+        raise
+
+
+def _launch(todo: list[Run], entry_point: str, parallel: int, active: list) -> None:
+    pending = list(todo)
     while pending or active:
         while pending and len(active) < max(1, parallel):
             run = pending.pop(0)
+            # --resume auto: a run killed after any checkpoint (step-*/ or final/) continues from the newest
             args = [sys.executable, "-m", "litattn", entry_point, "--config", str(run.directory / "run.yaml")]
-            if _has_checkpoint(run):
-                args += ["--resume", "auto"]
+            args += ["--resume", "auto"]
             env = dict(os.environ)
             if parallel > 1 and _cuda_count():
                 env["CUDA_VISIBLE_DEVICES"] = str(len(active) % _cuda_count())
@@ -244,13 +274,16 @@ def _cuda_count() -> int:
 
 
 def _has_checkpoint(run: Run) -> bool:
-    return any(run.directory.glob("step-*/training_state.pt"))
+    from litattn.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run.directory) is not None
 
 
 # ---------------------------------------------------------------------------------- results
 def _metrics(run: Run) -> list[dict[str, str]]:
     rows = []
-    for path in sorted((run.directory / "logs" / "csv").glob("version_*/metrics.csv")):
+    paths = (run.directory / "logs" / "csv").glob("version_*/metrics.csv")
+    for path in sorted(paths, key=lambda p: version_number(p.parent) or 0):  # sessions in order
         with open(path) as f:
             rows.extend(csv.DictReader(f))
     return rows
@@ -265,26 +298,31 @@ def _series(rows: list[dict[str, str]], key: str) -> list[tuple[float, float]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _result(run: Run, variants: dict, baseline: str, runs: list[Run]) -> dict[str, Any]:
+def _result(run: Run, baseline: str, runs: list[Run]) -> dict[str, Any]:
+    """One run's row; None where the figure is unknown (no validation; tokens/s or memory of a session that
+    did not record them)."""
     summary = json.loads((run.directory / "summary.json").read_text())
     rows = _metrics(run)
     val = _series(rows, "val_loss")
     train = _series(rows, "train_loss")
     base_run = next(r for r in runs if r.variant == baseline and r.seed == run.seed)
     base_params = json.loads((base_run.directory / "summary.json").read_text())["parameters"]
-    final_val = summary["val_loss"] if summary["val_loss"] is not None else (val[-1][1] if val else math.nan)
-    final_train = train[-1][1] if train else math.nan
+    final_val = summary.get("val_loss")
+    if final_val is None and val:
+        final_val = val[-1][1]
+    final_train = train[-1][1] if train else None
+    memory = summary.get("peak_memory_bytes")
     return {
         "variant": run.variant,
         "seed": run.seed,
         "steps": summary["step"],
         "tokens": summary["tokens"],
         "final_val_loss": final_val,
-        "final_val_ppl": math.exp(final_val),
-        "best_val_loss": min([v for _, v in val] + [final_val]),
-        "train_val_gap": final_val - final_train,
-        "tokens_per_sec": summary["tokens_per_sec"],
-        "peak_memory_gib": summary["peak_memory_bytes"] / 2**30,
+        "final_val_ppl": math.exp(final_val) if final_val is not None else None,
+        "best_val_loss": min([v for _, v in val] + [final_val]) if final_val is not None else None,
+        "train_val_gap": final_val - final_train if final_val is not None and final_train is not None else None,
+        "tokens_per_sec": summary.get("tokens_per_sec") or None,  # 0 (older summaries): not measured
+        "peak_memory_gib": memory / 2**30 if memory else None,
         "parameters": summary["parameters"],
         "params_added": summary["parameters"] - base_params,
     }
@@ -313,20 +351,32 @@ COLUMNS = [  # (results.csv key, header, format)
 
 
 def _markdown(rows: list[dict], variants: list[str], seeds: list[int], budget) -> str:
-    """Mean ± sample standard deviation over seeds (± 0 with one seed)."""
+    """Mean ± sample standard deviation over seeds (± 0 with one seed), over the runs that know the figure."""
     header = ["variant", "runs"] + [h for _, h, _ in COLUMNS] + ["params added"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    unknown = False
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
         cells = [variant, str(len(mine))]
         for key, _, fmt in COLUMNS:
-            values = [r[key] for r in mine]
+            values = [r[key] for r in mine if r[key] is not None]
+            unknown |= len(values) < len(mine)
+            if not values:
+                cells.append("n/a")
+                continue
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):{fmt}} ± {spread:{fmt}}")
+            of = f" ({len(values)} of {len(mine)} runs)" if len(values) < len(mine) else ""
+            cells.append(f"{statistics.mean(values):{fmt}} ± {spread:{fmt}}{of}")
         cells.append(f"{mine[0]['params_added']:+,}")
         lines.append("| " + " | ".join(cells) + " |")
     budget_text = ", ".join(f"{k}={v}" for k, v in (budget or {}).items()) or "the recipe's"
-    return "\n".join(lines) + f"\n\nSeeds {list(seeds)}; equal budget: {budget_text}; mean ± std over seeds.\n"
+    note = (
+        "\nn/a, or (k of n runs): a figure some runs do not have (no validation; tokens/s or peak memory of a run "
+        "resumed from a checkpoint that does not record its earlier sessions').\n"
+        if unknown
+        else ""
+    )
+    return "\n".join(lines) + f"\n\nSeeds {list(seeds)}; equal budget: {budget_text}; mean ± std over seeds.\n" + note
 
 
 def _by_epoch(run: Run) -> dict[int, tuple[float, float]]:
@@ -372,7 +422,8 @@ def _epoch_tables(runs: list[Run], variants: list[str]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _plots(runs: list[Run], variants: list[str], out_dir: Path) -> None:
+def _plots(runs: list[Run], rows: list[dict], variants: list[str], out_dir: Path) -> None:
+    """loss_curves.png (every run's logged losses) and summary.png (the table's final validation losses)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -383,9 +434,9 @@ def _plots(runs: list[Run], variants: list[str], out_dir: Path) -> None:
     for i, variant in enumerate(variants):
         color = colors[i % len(colors)]
         for j, run in enumerate(r for r in runs if r.variant == variant):
-            rows = _metrics(run)
+            logged = _metrics(run)
             for ax, key in zip(axes, ("train_loss", "val_loss"), strict=True):
-                points = _series(rows, key)
+                points = _series(logged, key)
                 if points:
                     tokens, values = zip(*points, strict=True)
                     ax.plot(
@@ -403,25 +454,28 @@ def _plots(runs: list[Run], variants: list[str], out_dir: Path) -> None:
         ax.set_xlabel("training tokens")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cross-entropy (nats)")
-    axes[1].legend(title="variant")
+    labelled = [ax for ax in axes[::-1] if ax.get_legend_handles_labels()[0]]  # runs without validation: none
+    if labelled:
+        labelled[0].legend(title="variant")
     fig.tight_layout()
     fig.savefig(out_dir / "loss_curves.png", dpi=120)
     plt.close(fig)
 
     finals = {
-        v: [json.loads((r.directory / "summary.json").read_text())["val_loss"] for r in runs if r.variant == v]
+        v: [r["final_val_loss"] for r in rows if r["variant"] == v and r["final_val_loss"] is not None]
         for v in variants
     }
     fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(variants) + 2), 4))
-    means = [statistics.mean(finals[v]) for v in variants]
+    means = [statistics.mean(finals[v]) if finals[v] else math.nan for v in variants]  # nan: no bar
     spreads = [statistics.stdev(finals[v]) if len(finals[v]) > 1 else 0 for v in variants]
     ax.bar(variants, means, yerr=spreads, capsize=6, color=[colors[i % len(colors)] for i in range(len(variants))])
     for i, v in enumerate(variants):
         ax.scatter([i] * len(finals[v]), finals[v], color="black", s=12, zorder=3)
-    low = min(min(f) for f in finals.values())
-    high = max(max(f) for f in finals.values())
-    pad = max(0.02, 0.5 * (high - low))
-    ax.set_ylim(low - pad, high + pad)
+    known = [f for v in variants for f in finals[v]]
+    if known:
+        low, high = min(known), max(known)
+        pad = max(0.02, 0.5 * (high - low))
+        ax.set_ylim(low - pad, high + pad)
     ax.set_ylabel("final validation loss (nats)")
     ax.set_title("final validation loss\nmean ± std over seeds; dots: single seeds", fontsize=10)
     ax.grid(axis="y", alpha=0.3)

@@ -15,7 +15,6 @@ then swapped in, so a crash mid-save never leaves a half checkpoint under the fi
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import pickle
@@ -34,7 +33,7 @@ from torch import Tensor
 
 from litattn.config import Config, resolve_model_config
 from litattn.tokenizer import MODEL_FILES
-from litattn.utils import atomic_write, make_temp_dir
+from litattn.utils import WriteError, atomic_write, make_temp_dir, write_failure
 
 if TYPE_CHECKING:
     from litattn.model import GPT
@@ -83,23 +82,12 @@ def save_checkpoint(
             if training_state is not None:
                 save_training_state(tmp, training_state)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError ("enforce fail")
-        raise CheckpointWriteError(f"Could not write checkpoint {out_dir}: {_write_failure(out_dir, e)}") from e
+        raise CheckpointWriteError(f"Could not write checkpoint {out_dir}: {write_failure(out_dir, e)}") from e
     return out_dir
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(WriteError):
     """A checkpoint directory could not be written; the previous one of that name is untouched."""
-
-
-def _write_failure(out_dir: Path, error: BaseException) -> str:
-    """Why a write failed, in a few words: the OS's reason, and the free space when the disk is the cause."""
-    reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0][:200]
-    try:
-        free = shutil.disk_usage(next(p for p in (out_dir, *out_dir.parents) if p.exists())).free
-    except (OSError, StopIteration):
-        return reason
-    full = getattr(error, "errno", None) == errno.ENOSPC or free < 64 * 2**20
-    return f"{reason} ({free / 2**20:.0f} MiB free on that disk)" if full else reason
 
 
 @contextlib.contextmanager

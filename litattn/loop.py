@@ -52,6 +52,7 @@ from litattn.training import (
     peak_memory_bytes,
     set_lr,
 )
+from litattn.utils import WriteError
 
 
 @dataclass
@@ -165,6 +166,15 @@ def fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec) -> int:
     claim = _claim_out_dir(fabric, run.out_dir, run.resume, run.overwrite)
     try:
         return _fit(fabric, plan, data, run, claim.resume_dir)
+    except WriteError as e:  # a full disk or an unwritable file: say what is kept and how to go on
+        from litattn import checkpoint as ckpt
+
+        kept = ckpt.latest_checkpoint(run.out_dir)
+        raise type(e)(
+            f"{e}. "
+            + (f"The last good checkpoint, {kept}, is kept" if kept else "No checkpoint was saved")
+            + "; free space or fix the directory, then --resume auto"
+        ) from e.__cause__
     finally:
         claim.release()
 
@@ -193,37 +203,41 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
     tokenizer, train_data, val_data = _prepare_data(fabric, plan, data, run, resume_dir)
     b = _batching(fabric, train, config, len(train_data))
     model, optimizer = _build(fabric, plan, run, resuming=resume_dir is not None)
-    # tokens: input tokens processed (padding trimmed by `collate` excluded); loss_tokens: those with a target
-    state = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0, "loss_tokens": 0}
+    state = new_state()
+    saved_steps: dict[str, int] = {}  # checkpoint directory name -> the step it holds (this run's saves)
     if resume_dir is not None:
         _load_resumable(plan, resume_dir, unwrap(model), optimizer, state)
         fabric.print(f"Resumed from {resume_dir} at step {state['step']} (epoch {state['epoch']})")
+        saved_steps[resume_dir.name] = state["step"]
     hooks = training_hooks(unwrap(model), data, run.hooks)
-    saved_steps: dict[str, int] = {}  # checkpoint directory name -> the step it holds (this run's saves)
+    throughput: Throughput | None = None  # this session's training time, from the loop's start
+    seconds_before = state["train_seconds"]  # the earlier sessions' (None: unknown)
 
     def save(name: str) -> None:
+        if throughput is not None and not training_done:  # after training, the figures stay those of its end
+            _account(state, seconds_before, throughput.elapsed, fabric.device)
         if fabric.global_rank == 0:
-            try:
-                ckpt.save_checkpoint(
-                    out_dir / name,
-                    plan.weights(unwrap(model)),
-                    config,
-                    tokenizer,
-                    run.hyperparameters,
-                    training_state={**_training_state(optimizer, state, seed), **plan.resume_state(unwrap(model))},
-                )
-            except ckpt.CheckpointWriteError as e:
-                kept = ckpt.latest_checkpoint(out_dir)
-                raise ckpt.CheckpointWriteError(
-                    f"{e}. "
-                    + (f"The last good checkpoint, {kept}, is kept" if kept else "No checkpoint was saved")
-                    + "; free space or fix the directory, then --resume auto"
-                ) from e.__cause__
+            ckpt.save_checkpoint(
+                out_dir / name,
+                plan.weights(unwrap(model)),
+                config,
+                tokenizer,
+                run.hyperparameters,
+                training_state={**_training_state(optimizer, state, seed), **plan.resume_state(unwrap(model))},
+            )
         fabric.barrier()
         saved_steps[name] = state["step"]
 
     def validate(max_iters: int | None) -> float:
-        return validation_loss(fabric, model, val_data, b.micro, max_iters)
+        """The validation loss, logged with the step's tokens and kept in the state (so checkpoints carry it);
+        a signal cuts it short."""
+        with stop.section():
+            loss = validation_loss(fabric, model, val_data, b.micro, max_iters)
+            fabric.log_dict(
+                {"val_loss": loss, "val_ppl": math.exp(loss), "tokens": state["tokens"]}, step=state["step"]
+            )
+        state.update(val_loss=loss, val_step=state["step"], val_batches=max_iters)
+        return loss
 
     sample_prompt, sample_prefix_len = _sample_prompt(log, tokenizer, val_data)
 
@@ -238,7 +252,6 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
             getattr(hook, event)(ctx)
 
     # ---- the loop
-    val_loss, val_label = float("nan"), "final val loss"
     fabric.print(
         f"Training {train.limits()} ({b.total_steps or '?'} steps of {b.global_batch} x {b.seq_len} tokens; "
         f"{b.steps_per_epoch} steps per epoch; micro batch {b.micro} x {b.accum} accumulation x {b.world} devices)"
@@ -249,10 +262,8 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
     training_done = False
     with StopSignal(interrupt_sections=b.world == 1) as stop:
         try:
-            if eval.initial_validation:
-                with stop.section():
-                    val_loss = validate(eval.max_iters)
-                fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["step"])
+            if eval.initial_validation and state["step"] == 0:  # before training only, not at a resumed step
+                val_loss = validate(eval.max_iters)
                 fabric.print(f"step {state['step']}: val loss {val_loss:.4f} (before training)")
             while not _done(state, train, b.total_steps, throughput):
                 if state["epoch_step"] == 0:  # a run resumed mid-epoch has this epoch's start in its checkpoint
@@ -304,15 +315,10 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
                         loss=f"{train_loss:.3f}", tok_s=f"{throughput.tokens_per_sec:,.0f}", refresh=False
                     )
                 if eval.interval and state["step"] % eval.interval == 0:
-                    with stop.section():
-                        val_loss = validate(eval.max_iters)
-                        fabric.log_dict(
-                            {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "tokens": state["tokens"]},
-                            step=state["step"],
-                        )
-                        ppl = math.exp(val_loss)
-                        progress.write(f"step {state['step']}: val loss {val_loss:.4f}, val ppl {ppl:.2f}")
-                        if log.sample_at_validation and state["step"] != b.total_steps:  # the final sample follows
+                    val_loss = validate(eval.max_iters)
+                    progress.write(f"step {state['step']}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
+                    if log.sample_at_validation and state["step"] != b.total_steps:  # the final sample follows
+                        with stop.section():
                             write_sample()
                 progress.update(1)
                 if train.save_interval and state["step"] % train.save_interval == 0:
@@ -320,21 +326,17 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
                 if stop.should_stop(fabric):
                     raise Interrupted(stop.received)
             progress.close()
+            _account(state, seconds_before, throughput.elapsed, fabric.device)
             training_done = True
-            elapsed = throughput.elapsed
-            if eval.final_validation:
-                with stop.section():
-                    val_loss = validate(None)
-                fabric.log_dict(
-                    {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "tokens": state["tokens"]}, step=state["step"]
-                )
-            elif math.isfinite(val_loss):
-                val_label = f"last val loss ({eval.max_iters or 'all'} batches, step {state['step']})"
-            save("final")
+            validated = eval.final_validation and not _validated_in_full(state)  # a resumed final/ may hold it
+            if validated:
+                validate(None)
+            if validated or saved_steps.get("final") != state["step"]:  # (not when resumed from final/ as it is)
+                save("final")
             if stop.should_stop(fabric):
                 raise Interrupted(stop.received)
             with stop.section():
-                _summary(fabric, unwrap(model), throughput, elapsed, b.seq_len, val_loss, val_label, state, out_dir)
+                _summary(fabric, unwrap(model), b.seq_len, state, out_dir)
                 fabric.logger.finalize("success")
                 write_sample()
         except Interrupted:
@@ -576,6 +578,41 @@ def _may_trim(model) -> bool:
     return getattr(unwrap(model), "trailing_positions_independent", True)
 
 
+def new_state() -> dict[str, Any]:
+    """What a run counts, saved in every checkpoint: the position (step, epoch, step within the epoch), tokens
+    (input tokens processed, padding trimmed by `collate` excluded) and loss_tokens (those with a target); the
+    training seconds and peak memory over all sessions; the last validation (loss, step, batches: None = all)."""
+    return {
+        "step": 0,
+        "epoch": 0,
+        "epoch_step": 0,
+        "tokens": 0,
+        "loss_tokens": 0,
+        "train_seconds": 0.0,
+        "peak_memory_bytes": 0,
+        "val_loss": None,
+        "val_step": None,
+        "val_batches": None,
+    }
+
+
+_UNKNOWN_IF_MISSING = ("train_seconds", "peak_memory_bytes")
+"""Figures of earlier sessions that a checkpoint written before litattn recorded them cannot tell: None."""
+
+
+def _account(state: dict, seconds_before: float | None, session_seconds: float, device) -> None:
+    """Bring the cumulative figures up to now: training seconds (earlier sessions + this one) and peak memory."""
+    if seconds_before is not None:
+        state["train_seconds"] = seconds_before + session_seconds
+    if state["peak_memory_bytes"] is not None:
+        state["peak_memory_bytes"] = max(state["peak_memory_bytes"], peak_memory_bytes(device))
+
+
+def _validated_in_full(state: dict) -> bool:
+    """Whether the state's last validation covered the whole split at the current step."""
+    return state["val_loss"] is not None and state["val_batches"] is None and state["val_step"] == state["step"]
+
+
 def _training_state(optimizer, state: dict, seed: int) -> dict:
     from litattn import checkpoint as ckpt
 
@@ -589,21 +626,21 @@ def _load_resumable(plan: TrainingPlan, directory: Path, model, optimizer, state
     plan.restore(model, directory, saved)
     optimizer.load_state_dict(saved["optimizer"])
     for key in state:
-        state[key] = saved.get(key, state[key])
+        state[key] = saved.get(key, None if key in _UNKNOWN_IF_MISSING else state[key])
     ckpt.set_rng_state(saved["rng"])
 
 
 def _make_logger(log: LogArgs, out_dir: Path):
-    from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
+    from lightning_fabric.loggers import TensorBoardLogger
+
+    from litattn.csv_log import CSVLogger
 
     if log.logger == "tensorboard":
         try:
             return TensorBoardLogger(root_dir=out_dir / "logs", name="tensorboard")
         except ModuleNotFoundError as e:
             raise ValueError(f"log.logger=tensorboard needs TensorBoard: pip install tensorboard ({e})") from e
-    # Written at every log call: a killed run keeps its metrics. (Lightning flushes when (step + 1) is a
-    # multiple of this, which steps that are multiples of log_interval never are.)
-    return CSVLogger(root_dir=out_dir / "logs", name="csv", flush_logs_every_n_steps=1)
+    return CSVLogger(out_dir / "logs", "csv")  # every row on disk, whole, when it is logged (litattn/csv_log.py)
 
 
 def _progress(fabric, log: LogArgs, total: int | None, initial: int):
@@ -618,54 +655,57 @@ def _progress(fabric, log: LogArgs, total: int | None, initial: int):
     )
 
 
-def _summary(
-    fabric,
-    model,
-    throughput: Throughput,
-    elapsed: float,
-    seq_len: int,
-    val_loss: float,
-    val_label: str,
-    state: dict,
-    out_dir: Path,
-) -> None:
-    """Print the run's figures and write them to out_dir/summary.json (what `litattn ablate` tabulates)."""
+def _summary(fabric, model, seq_len: int, state: dict, out_dir: Path) -> None:
+    """Print the run's figures and write them to out_dir/summary.json (what `litattn ablate` tabulates). Time,
+    tokens/s and peak memory cover every session of a resumed run; a figure an earlier session did not record
+    is null (never 0)."""
     import json
 
-    from litattn.utils import atomic_write_text
+    from litattn.utils import atomic_write_text, write_failure
 
-    tokens_per_sec = throughput.tokens / max(elapsed, 1e-9)
+    seconds, memory = state["train_seconds"], state["peak_memory_bytes"]
+    tokens_per_sec = state["tokens"] / seconds if seconds else None
     dtype = torch.bfloat16 if "bf16" in str(fabric.strategy.precision.precision) else torch.float32
-    achieved = flops_per_token(model, seq_len) * tokens_per_sec / fabric.world_size
     machine = describe_machine(fabric.device)  # the CPU's ISA and both matmul peaks, measured once per process
     peak = machine["matmul_peak_bf16" if dtype == torch.bfloat16 else "matmul_peak_fp32"]
-    memory = peak_memory_bytes(fabric.device)
+    mfu = flops_per_token(model, seq_len) * tokens_per_sec / fabric.world_size / peak if tokens_per_sec else None
+    val_loss, val_step, batches = state["val_loss"], state["val_step"], state["val_batches"]
+    if _validated_in_full(state):
+        val_label = "final val loss"
+    else:
+        val_label = f"last val loss ({batches or 'all'} batches, step {val_step})"
+    unknown = "unknown (an earlier session's checkpoint does not record it)"
     fabric.print(
-        f"Done: {throughput.tokens:,} tokens in {elapsed:.1f}s = {tokens_per_sec:,.0f} tokens/s; "
-        f"peak memory {memory / 2**30:.2f} GiB; "
-        f"MFU {achieved / peak:.1%} of {format_flops(peak)} measured matmul peak ({dtype}); "
-        f"CPU {machine['cpu_isa']}{' (native bf16)' if machine['cpu_native_bf16'] else ''}, "
+        f"Done: {state['tokens']:,} tokens in "
+        + (f"{seconds:.1f}s = {tokens_per_sec:,.0f} tokens/s; " if tokens_per_sec else f"a training time {unknown}; ")
+        + (f"peak memory {memory / 2**30:.2f} GiB; " if memory is not None else f"peak memory {unknown}; ")
+        + (f"MFU {mfu:.1%} of {format_flops(peak)} measured matmul peak ({dtype}); " if mfu is not None else "")
+        + f"CPU {machine['cpu_isa']}{' (native bf16)' if machine['cpu_native_bf16'] else ''}, "
         f"{fabric.device.type} matmul peaks fp32 {format_flops(machine['matmul_peak_fp32'])}, "
         f"bf16 {format_flops(machine['matmul_peak_bf16'])}; "
-        + (f"{val_label} {val_loss:.4f} (ppl {math.exp(val_loss):.2f}); " if math.isfinite(val_loss) else "")
+        + (f"{val_label} {val_loss:.4f} (ppl {math.exp(val_loss):.2f}); " if val_loss is not None else "")
         + f"saved {out_dir / 'final'}"
     )
     summary = {
         "step": state["step"],
         "tokens": state["tokens"],
         "epoch": state["epoch"],
-        "elapsed_s": elapsed,
+        "elapsed_s": seconds,
         "tokens_per_sec": tokens_per_sec,
         "peak_memory_bytes": memory,
-        "mfu": achieved / peak,
+        "mfu": mfu,
         **machine,
-        "val_loss": val_loss if math.isfinite(val_loss) else None,
-        "val_loss_is": val_label,
+        "val_loss": val_loss,
+        "val_loss_is": val_label if val_loss is not None else None,
         "parameters": model.num_parameters(),
         "mechanism_parameters": model.mechanism_parameters(),
     }
     if fabric.global_rank == 0:
-        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+        path = out_dir / "summary.json"
+        try:
+            atomic_write_text(path, json.dumps(summary, indent=2))
+        except OSError as e:
+            raise WriteError(f"Could not write {path}: {write_failure(path, e)}") from e
 
 
 def _sample_prompt(log: LogArgs, tokenizer, val_data) -> tuple[list[int] | None, int | None]:

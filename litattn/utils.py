@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,23 @@ from pathlib import Path
 _TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp")
 _UNOWNED_TEMP_AGE_S = 3600.0
 """A temp without a pid (written by an older litattn) counts as stale once untouched for this long."""
+
+
+class WriteError(OSError):
+    """A file of a run could not be written (disk full, no permission); the message names it, and nothing was
+    left half-written. The entry points add which checkpoint is kept; the CLI prints it as one line."""
+
+
+def write_failure(path: Path, error: BaseException) -> str:
+    """Why a write failed, in a few words: the OS's reason, and the free space when the disk is the cause."""
+    reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0][:200]
+    path = Path(path)
+    try:
+        free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        return reason
+    full = getattr(error, "errno", None) == errno.ENOSPC or free < 64 * 2**20
+    return f"{reason} ({free / 2**20:.0f} MiB free on that disk)" if full else reason
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -96,6 +114,13 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def version_number(directory: Path) -> int | None:
+    """N of a `version_N` log directory (one per session of a run); None for any other name."""
+    name = Path(directory).name
+    number = name.removeprefix("version_")
+    return int(number) if name.startswith("version_") and number.isdigit() else None
 
 
 def file_digest(path: Path) -> str:

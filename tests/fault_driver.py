@@ -1,30 +1,45 @@
 """Run the `litattn` command line with a fault injected at one phase of a run, from inside the process:
-a real signal sent to the process itself, or a file-size limit that makes the next checkpoint write fail
-the way a full disk does.
+a real signal sent to the process (or to its process group), or a file-size limit that makes the next write
+fail the way a full disk does.
 
     python tests/fault_driver.py PHASE FAULT litattn-arguments...
+    python tests/fault_driver.py PHASE@RUN FAULT ablate --config ...
 
 PHASE: train (during step 2), initial_validation, validation (the first periodic one), final_validation,
-       checkpoint (while the first checkpoint is written; with write_fails: the second), sample
-FAULT: SIGINT, SIGTERM or write_fails
+       checkpoint (while the first checkpoint is written; with write_fails: the second), sample,
+       summary (final/ saved, summary.json not yet written), metrics (the 5th metrics row: step 4's in the
+       debug recipe; with write_fails it is cut part way), results (ablate, while results.md is written)
+PHASE@RUN: under `litattn ablate`, the fault goes into the run whose directory is RUN/ (variant/seed-N), at
+       PHASE: ablate starts that run through this driver
+FAULT: SIGINT, SIGTERM, SIGKILL, write_fails; SIGINT_group, SIGKILL_group signal the process group (ablate and
+       its runs, as Ctrl-C in a terminal or a kill of the whole job does)
 """
 
 import os
 import resource
 import signal
+import subprocess
 import sys
 
 
 def main() -> None:
     phase, fault, *args = sys.argv[1:]
-    from litattn import checkpoint, generate, loop, model
+    from litattn import ablate, checkpoint, csv_log, generate, loop, model, utils
     from litattn.__main__ import main as litattn
 
-    def fire() -> None:
+    if "@" in phase:
+        phase, run = phase.split("@")
+        run_through_driver(run, phase, fault)
+        litattn(args)
+        return
+
+    def fire(limit: int = 4096) -> None:
         print(f"[fault] {fault} during {phase}", file=sys.stderr, flush=True)
         if fault == "write_fails":
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past the limit fails with EFBIG
-            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        elif fault.endswith("_group"):
+            os.killpg(os.getpgrp(), getattr(signal, fault.removesuffix("_group")))
         else:
             os.kill(os.getpid(), getattr(signal, fault))
 
@@ -34,7 +49,12 @@ def main() -> None:
         def wrapper(*a, **k):
             calls.append(1)
             if when(len(calls), a):
-                fire()
+                if phase == "metrics":  # a limit 10 bytes past the file's end: the row is written in part
+                    fire(a[0].path.stat().st_size + 10)
+                elif phase == "results":  # killed with results.md written to its temp file, not yet renamed
+                    return utils.atomic_write(a[0], lambda tmp: (tmp.write_text(a[1]), fire()))
+                else:
+                    fire()
             return original(*a, **k)
 
         setattr(owner, name, wrapper)
@@ -47,9 +67,24 @@ def main() -> None:
         "final_validation": (loop, "validation_loss", lambda n, a: not periodic(n, a)),
         "checkpoint": (checkpoint, "save_state_dict", lambda n, a: n == (2 if fault == "write_fails" else 1)),
         "sample": (generate, "generate", lambda n, a: n == 1),
+        "summary": (loop, "_summary", lambda n, a: n == 1),
+        "metrics": (csv_log.CSVLogger, "log_metrics", lambda n, a: n == 5),
+        "results": (ablate, "atomic_write_text", lambda n, a: a[0].name == "results.md"),
     }
     inject(*where[phase])
     litattn(args)
+
+
+def run_through_driver(run: str, phase: str, fault: str) -> None:
+    """Make `litattn ablate` start the run in directory `run` through this driver, with the fault at `phase`."""
+    popen = subprocess.Popen
+
+    def start(command, *a, **k):
+        if command[1:3] == ["-m", "litattn"] and f"/{run}/" in command[command.index("--config") + 1]:
+            command = [command[0], __file__, phase, fault, *command[3:]]
+        return popen(command, *a, **k)
+
+    subprocess.Popen = start
 
 
 if __name__ == "__main__":

@@ -244,3 +244,124 @@ def test_epoch_tables_show_validation_and_gap_at_epoch_ends(tmp_path):
     assert cells[3].strip() == f"{statistics.mean(gaps):.3f} ± {statistics.stdev(gaps):.3f}"
     cells = [line for line in val_table.splitlines() if line.startswith("| v |")][0].split("|")
     assert cells[3].strip() == f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+
+
+def test_figures_a_run_does_not_know_are_empty_cells_and_n_a_not_zero(tmp_path):
+    """Issue 20, item 2: a summary with null figures (val_loss, tokens/s, memory) tabulates as empty cells and
+    "n/a", over the runs that know them, and plots without a traceback."""
+    from litattn.ablate import Run, report
+
+    runs = [Run("v", seed, tmp_path / f"seed-{seed}") for seed in (1, 2, 3)]
+    for run, (val, speed) in zip(runs, [(None, None), (4.0, 300.0), (4.2, None)], strict=True):
+        logs = run.directory / "logs" / "csv" / "version_0"
+        logs.mkdir(parents=True)
+        (logs / "metrics.csv").write_text("step,tokens,train_loss\n1,256,5.0\n")
+        summary = {"step": 1, "tokens": 256, "epoch": 0, "val_loss": val, "tokens_per_sec": speed}
+        (run.directory / "summary.json").write_text(json.dumps({**summary, "peak_memory_bytes": None, "parameters": 9}))
+    report(runs, ["v"], "v", [1, 2, 3], None, tmp_path)
+    rows = results(tmp_path)
+    assert [(r["final_val_loss"], r["tokens_per_sec"], r["peak_memory_gib"]) for r in rows] == [
+        ("", "", ""),
+        ("4.0", "300.0", ""),
+        ("4.2", "", ""),
+    ]
+    cells = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| v |")]
+    cells = [c.strip() for c in cells[0].split("|")[3:-2]]
+    assert cells[0] == f"4.1000 ± {statistics.stdev([4.0, 4.2]):.4f} (2 of 3 runs)"
+    assert cells[4:] == ["300 ± 0 (1 of 3 runs)", "n/a"]
+    assert "n/a, or (k of n runs)" in (tmp_path / "results.md").read_text()
+    assert matplotlib.image.imread(tmp_path / "summary.png").std() > 0.05
+
+
+# ---------------------------------------------------------------------------------- a killed grid recovers
+DRIVER = Path(__file__).with_name("fault_driver.py")
+DETERMINISTIC = ["variant", "seed", "steps", "tokens", "final_val_loss", "final_val_ppl", "best_val_loss"]
+DETERMINISTIC += ["train_val_gap", "parameters", "params_added"]
+
+
+def killed_grid_spec(tmp_path: Path, corpus: Path, out: str) -> Path:
+    """smoke.yaml as the recipes of disrupt-set, hybrid, truncation: no step checkpoints (`save_interval: null`),
+    so a kill before final/ loses the run and one after it leaves only final/. One seed of two variants: with
+    the whole-split final validation (`fv`) and with the last periodic one (`last`, as debug.yaml)."""
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "config_hub/ablations/smoke.yaml").read_text())
+    spec.update(base=str(ROOT / spec["base"]), out_dir=str(tmp_path / out), seeds=[1])
+    spec["overrides"].update(
+        data={"class_path": "litattn.data.TextFiles", "init_args": {"train_dirs": [str(corpus)]}},
+        cache_dir=str(tmp_path.parent / "cache"),
+        train={"save_interval": None},
+    )
+    spec["variants"] = {"fv": {"eval": {"final_validation": True}}, "last": {}}
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def results(out: Path) -> list[dict[str, str]]:
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_grid_without_step_checkpoints_killed_at_any_phase_finishes_like_an_uninterrupted_one(tmp_path, corpus):
+    """Issue 20, items 1, 2 and 4: the grid is killed (the whole process group, as a terminal's Ctrl-C or a
+    kill of the job) in a metrics write, in the final validation, between final/ and summary.json, and while
+    results.md is written; each rerun continues, and the last one only tabulates: the same results as a grid
+    never interrupted, no traceback anywhere."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    def grid(fault: str | None = None, phase: str | None = None) -> subprocess.CompletedProcess:
+        command = [str(DRIVER), phase, fault] if fault else ["-m", "litattn"]
+        return subprocess.run(
+            [sys.executable, *command, "ablate", "--config", str(spec)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+            start_new_session=True,  # its own process group, which the faults signal
+        )
+
+    reference = yaml.safe_load(killed_grid_spec(tmp_path, corpus, "reference").read_text())
+    ablate(**reference)
+    spec = killed_grid_spec(tmp_path, corpus, "grid")
+    out = tmp_path / "grid"
+    fv, last = out / "fv" / "seed-1", out / "last" / "seed-1"
+    outputs = []
+
+    # killed in fv's 5th metrics row (step 4 of 6): fv has no checkpoint and starts again
+    outputs.append(proc := grid("SIGKILL_group", "metrics@fv/seed-1"))
+    assert proc.returncode == -9 and "[fault] SIGKILL_group during metrics" in (fv / "log.txt").read_text()
+    assert not (fv / "final").exists() and not (fv / "summary.json").exists()
+
+    # Ctrl-C in fv's final validation: fv saves final/ without it; ablate waits for it, then stops
+    outputs.append(proc := grid("SIGINT_group", "final_validation@fv/seed-1"))
+    assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1] == "litattn: interrupted", proc.stderr
+    assert (fv / "final").is_dir() and not (fv / "summary.json").exists()
+
+    # killed between last's final/ and its summary.json; fv resumed from final/, ran its final validation
+    outputs.append(proc := grid("SIGKILL_group", "summary@last/seed-1"))
+    assert proc.returncode == -9 and (fv / "summary.json").is_file()
+    assert (last / "final").is_dir() and not (last / "summary.json").exists()
+
+    # killed while results.md is written; last resumed from final/ and wrote its summary
+    outputs.append(proc := grid("SIGKILL", "results"))
+    assert proc.returncode == -9 and list(out.glob(".results.md.*.tmp"))
+    summary = json.loads((last / "summary.json").read_text())
+    assert summary["val_loss"] is not None and summary["val_loss_is"].startswith("last val loss (2 batches, step 6)")
+    assert summary["tokens_per_sec"] > 0 and summary["elapsed_s"] > 0 and summary["peak_memory_bytes"] > 0
+
+    # the last rerun runs nothing and cleans up
+    outputs.append(proc := grid())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "running" not in proc.stdout and not list(out.glob(".*.tmp"))
+    for run in (fv, last):
+        outputs.append(subprocess.CompletedProcess([], 0, (run / "log.txt").read_text(), ""))
+    assert not [p for p in outputs if "Traceback" in p.stdout + p.stderr]
+    got, expected = results(out), results(tmp_path / "reference")
+    assert [{k: r[k] for k in DETERMINISTIC} for r in got] == [{k: r[k] for k in DETERMINISTIC} for r in expected]
+    assert all(float(r["tokens_per_sec"]) > 0 and float(r["peak_memory_gib"]) > 0 for r in got)
+    assert summary["val_loss"] == pytest.approx(float(got[1]["final_val_loss"]), abs=0)
+    assert "n/a" not in (out / "results.md").read_text()

@@ -157,6 +157,40 @@ def test_a_failed_checkpoint_write_keeps_the_last_good_one_and_says_why(tmp_path
     assert all(torch.equal(weights(out / "step-00000003")[k], expected[k]) for k in expected)
 
 
+def sessions(out: Path) -> list[list[dict[str, str]]]:
+    """The rows of each session's metrics.csv (logs/csv/version_N), in session order."""
+    import csv
+
+    paths = sorted((out / "logs" / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    return [list(csv.DictReader(open(p, newline=""))) for p in paths]
+
+
+def test_a_resumed_run_validates_before_training_only_in_its_first_session(tmp_path, text_dir):
+    """Issue 20, item 3: the initial validation ran again at the resumed step (a row without tokens)."""
+    extra = ("--eval.initial_validation", "true", "--log.sample_prompt", "null")
+    assert_clean(run_cli(tmp_path, text_dir, *extra, phase="train", fault="SIGTERM"))  # saves step-00000002
+    assert_clean(run_cli(tmp_path, text_dir, *extra, "--resume", "auto"))
+    first, second = sessions(tmp_path / "out")
+    assert [(r["step"], r["tokens"]) for r in first if r["val_loss"]] == [("0", "0")]
+    assert [r["step"] for r in second if r["val_loss"]] == ["3", "6", "6"]  # periodic at 3 and 6, then final
+    assert all(r["tokens"] for r in second)
+
+
+def test_a_full_disk_outside_a_checkpoint_names_the_file_and_the_kept_checkpoint(tmp_path, text_dir):
+    """Issue 20, item 12: a metrics row that cannot be written whole is not written at all, and the error says
+    which file failed and which checkpoint is kept (a file-size limit stands in for the full disk)."""
+    proc = run_cli(tmp_path, text_dir, "--log.sample_prompt", "null", phase="metrics", fault="write_fails")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (metrics,) = (tmp_path / "out" / "logs" / "csv").glob("version_*/metrics.csv")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"litattn: error: Could not write {metrics}: File too large"), last
+    assert str(tmp_path / "out" / "step-00000003") in last and "is kept" in last, last
+    text = metrics.read_text()
+    assert text.endswith("\n")
+    (rows,) = sessions(tmp_path / "out")
+    assert [r["step"] for r in rows] == ["1", "2", "3", "3"] and all(None not in r.values() for r in rows)
+
+
 # ---------------------------------------------------------------------------------- one run per out_dir
 def run(tmp_path, text_dir, out="out", **overrides):
     """The debug recipe in process: 3 steps, a checkpoint at step 3 and final/."""
