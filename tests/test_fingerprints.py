@@ -1,0 +1,175 @@
+"""Artefacts that cannot be mixed up (issue 20, items 5-8, 11, 15): a checkpoint refuses a tokenizer it was not
+saved with, an importance dictionary one it was not built with; unreadable tokenizers and dictionaries are one-line
+errors; a resumed `truncate build` never returns a result of other settings.
+
+The command-line cases run in one subprocess (`run_cli`): each command through `litattn.__main__.main`, as
+`litattn ...` runs it, with its exit code and stderr."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from litattn import GPT, Config
+from litattn import checkpoint as ckpt
+from litattn.tokenizer import FINGERPRINT_FILE, Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_DRIVER = """
+import contextlib, io, json, sys, traceback
+from litattn.__main__ import main
+
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code or 0
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def run_cli(*commands: list[str]) -> list[tuple[int, str]]:
+    """(exit code, stderr) of each `litattn` command, all run one after another in one fresh process."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _DRIVER, json.dumps([[str(a) for a in c] for c in commands])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [tuple(r) for r in json.loads(proc.stdout.splitlines()[-1])]
+
+
+def assert_one_line_error(result, *fragments):
+    code, err = result
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("litattn: warning:")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+TEXT = "def add(a, b):\n    return a + b\n" * 40 + "the quick brown fox jumps over the lazy dog.\n" * 40
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """A tiny checkpoint with its tokenizer (`ckpt`), a smaller tokenizer of another run (`other`), text data
+    and instruction examples."""
+    root = tmp_path_factory.mktemp("fingerprints")
+    (root / "text").mkdir()
+    (root / "text" / "a.txt").write_text(TEXT)
+    (root / "text" / "b.txt").write_text(TEXT.upper())
+    tokenizer = Tokenizer.train([root / "text" / "a.txt", root / "text" / "b.txt"], 400, root / "tok")
+    Tokenizer.train([root / "text" / "a.txt"], 300, root / "other")
+    model = GPT(Config.from_name("tiny-llama", vocab_size=400, block_size=64))
+    ckpt.save_checkpoint(root / "ckpt", model.state_dict(), model.config, tokenizer)
+    examples = "".join(f'{{"instruction": "Add {a} and 3.", "output": "{a + 3}"}}\n' for a in range(8))
+    (root / "examples.jsonl").write_text(examples)
+    return root
+
+
+def _copy(root: Path, name: str) -> Path:
+    target = root / name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(root / "ckpt", target)
+    return target
+
+
+def generate(checkpoint: Path) -> list:
+    return ["generate", "--checkpoint_dir", checkpoint, "--prompt", "def add", "--max_new_tokens", "2"]
+
+
+def evaluate(root: Path, checkpoint: Path) -> list:
+    return [
+        "evaluate", "perplexity", "--checkpoint_dir", checkpoint, "--data", "TextFiles",
+        "--data.train_dirs", f"[{root / 'text'}]", "--data.val_fraction", "0.5",
+        "--lengths", "[32]", "--max_batches", "1", "--cache_dir", root / "cache", "--out_file", root / "ppl.json",
+    ]  # fmt: skip
+
+
+def finetune(root: Path, checkpoint: Path, out: str) -> list:
+    return [
+        "finetune", "--checkpoint_dir", checkpoint, "--method", "full", "--data", "AlpacaJSON",
+        "--data.train_file", root / "examples.jsonl", "--train.max_steps", "1", "--train.global_batch_size", "2",
+        "--train.micro_batch_size", "2", "--train.max_seq_length", "32", "--eval.interval", "1",
+        "--eval.max_iters", "1", "--log.progress_bar", "false", "--accelerator", "cpu", "--out_dir", root / out,
+        "--cache_dir", root / "cache",
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- item 5: swapped tokenizer
+def test_fingerprint_is_of_the_content_not_the_file(root, tmp_path):
+    tok = Tokenizer(root / "ckpt")
+    assert json.loads((root / "ckpt" / FINGERPRINT_FILE).read_text())["fingerprint"] == tok.fingerprint()
+    assert Tokenizer(root / "other").fingerprint() != tok.fingerprint()
+    reformatted = tmp_path / "reformatted"
+    shutil.copytree(root / "ckpt", reformatted)
+    spec = json.loads((reformatted / "tokenizer.json").read_text())
+    merges = spec["model"]["merges"]
+    spec["model"]["merges"] = [m.split(" ") if isinstance(m, str) else " ".join(m) for m in merges]  # other notation
+    (reformatted / "tokenizer.json").write_text(json.dumps(spec, indent=4, sort_keys=True))
+    assert Tokenizer(reformatted).fingerprint() == tok.fingerprint()  # and the recorded one is accepted
+
+
+def test_a_swapped_tokenizer_is_refused_by_generate_finetune_and_evaluate(root):
+    swapped = _copy(root, "swapped")
+    shutil.copy(root / "other" / "tokenizer.json", swapped / "tokenizer.json")  # a smaller one of another run
+    mine, theirs = Tokenizer(root / "ckpt").fingerprint(), Tokenizer(root / "other").fingerprint()
+    results = run_cli(
+        generate(swapped), finetune(root, swapped, "ft"), evaluate(root, swapped), generate(root / "ckpt")
+    )
+    for result in results[:3]:
+        assert_one_line_error(result, str(swapped / "tokenizer.json"), mine, theirs, FINGERPRINT_FILE)
+    assert not (root / "ft").exists() and not (root / "ppl.json").exists()  # nothing written
+    assert results[3][0] == 0, results[3][1]  # the checkpoint's own tokenizer is fine
+
+    # a checkpoint saved before fingerprints were recorded loads as it did
+    (swapped / FINGERPRINT_FILE).unlink()
+    shutil.copy(root / "ckpt" / "tokenizer.json", swapped / "tokenizer.json")
+    assert ckpt.load(swapped)[1].fingerprint() == mine
+
+
+# ---------------------------------------------------------------------------------- item 8: unreadable tokenizer
+def test_a_truncated_tokenizer_is_a_one_line_error_in_every_entry_point(root):
+    broken = _copy(root, "broken")
+    text = (broken / "tokenizer.json").read_text()
+    (broken / "tokenizer.json").write_text(text[: len(text) // 2])
+    results = run_cli(
+        generate(broken),
+        finetune(root, broken, "ft-broken"),
+        evaluate(root, broken),
+        ["pretrain", "--config", "config_hub/pretrain/debug.yaml", "--tokenizer_dir", broken, "--data", "TextFiles",
+         "--data.train_dirs", f"[{root / 'text'}]", "--accelerator", "cpu", "--out_dir", root / "pt",
+         "--cache_dir", root / "cache"],
+    )  # fmt: skip
+    for result in results:
+        assert_one_line_error(result, f"{broken / 'tokenizer.json'} is not a readable tokenizer", "truncated")
+    assert not (root / "ft-broken").exists() and not (root / "pt").exists()
+
+
+def test_unreadable_tokenizer_files_name_the_file(root, tmp_path):
+    (tmp_path / "sp").mkdir()
+    (tmp_path / "sp" / "tokenizer.model").write_bytes(b"\x0a\x05trunc")  # a cut sentencepiece model
+    with pytest.raises(ValueError, match="tokenizer.model is not a readable tokenizer") as e:
+        Tokenizer(tmp_path / "sp")
+    assert "\n" not in str(e.value)
+    shutil.copytree(root / "ckpt", tmp_path / "config")
+    (tmp_path / "config" / "tokenizer_config.json").write_text('{"bos_token": "<|endoftext|>", ')
+    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON") as e:
+        Tokenizer(tmp_path / "config")
+    assert "\n" not in str(e.value)
