@@ -332,6 +332,7 @@ class Importance:
         self.sums = torch.zeros(0, dtype=torch.float64)  # (V,) attention: the scores of each id, summed
         self.counts = torch.zeros(0, dtype=torch.int64)  # (V,) attention: occurrences; idf: documents holding it
         self.documents = 0
+        self.source: Path | None = None  # the file `load` read
         self._table: torch.Tensor | None = None
         self._default = 0.0
 
@@ -432,6 +433,28 @@ class Importance:
     def __repr__(self) -> str:
         return f"Importance(method={self.method!r}, ids={len(self)}, default={self.default!r})"
 
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse a tokenizer whose ids are not the ones the dictionary was built on: the fingerprint recorded by
+        `litattn truncate build` (`info["tokenizer"]`) must be the tokenizer's; a dictionary without one (built
+        before they were recorded) must at least hold no id beyond the tokenizer's vocabulary."""
+        name = str(self.source) if self.source is not None else "the importance dictionary"
+        recorded = self.info.get("tokenizer")
+        if recorded is not None and recorded != tokenizer.fingerprint():
+            built_from = self.info.get("checkpoint_dir")
+            raise ValueError(
+                f"{name} was built with another tokenizer (fingerprint {recorded}"
+                + (f", of {built_from}" if built_from else "")
+                + f") than {tokenizer.model_file}'s (fingerprint {tokenizer.fingerprint()}): its token ids mean "
+                "other tokens here; build a dictionary with this checkpoint (`litattn truncate build "
+                "--checkpoint_dir ...`) or use the tokenizer it was built with"
+            )
+        if recorded is None and len(self.counts) > tokenizer.vocab_size:
+            raise ValueError(
+                f"{name} holds token ids up to {len(self.counts) - 1}, beyond the {tokenizer.vocab_size}-token "
+                f"vocabulary of {tokenizer.model_file}: it was built with another tokenizer; build a dictionary "
+                "with this checkpoint (`litattn truncate build --checkpoint_dir ...`)"
+            )
+
     # ------------------------------------------------------------------ files
     def save(self, path: Path | str) -> Path:
         """Write the dictionary as JSON (atomically: a crash leaves the old file or none, never half of one)."""
@@ -467,12 +490,14 @@ class Importance:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is not an importance file (not valid JSON: {e}); rebuild it") from None
         try:
-            return cls._from_json(data)
-        except (KeyError, TypeError, ValueError) as e:
+            imp = cls._from_json(data)
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             problem = f"no {e} field" if isinstance(e, KeyError) else str(e)
             raise ValueError(
                 f"{path} is not an importance file ({problem}); rebuild it with `litattn truncate build`"
             ) from None
+        imp.source = path
+        return imp
 
     @classmethod
     def _from_json(cls, data: Any) -> Importance:
@@ -944,7 +969,7 @@ def build(
         seq_len = seq_len or config.block_size
         data.setup(tokenizer, config.vocab_size, seq_len, Path(cache_dir))
         dataset = data.train_dataset() if split == "train" else data.val_dataset()
-        info["seq_len"] = seq_len
+        info.update(seq_len=seq_len, tokenizer=tokenizer.fingerprint())
         batches = itertools.islice(Batches(dataset, micro_batch_size), max_batches)
         docs = (batch["input_ids"][b, :n] for batch in batches for b, n in enumerate(batch_lengths(batch).tolist()))
         imp = build_frequency(docs, default=default, info=info)
@@ -964,7 +989,8 @@ def build(
     seq_len = seq_len or config.block_size
     data.setup(tokenizer, config.vocab_size, seq_len, Path(cache_dir))
     dataset = data.train_dataset() if split == "train" else data.val_dataset()
-    info.update(seq_len=seq_len, attention=config.attention, precision=precision, micro_batch_size=micro_batch_size)
+    info.update(seq_len=seq_len, tokenizer=tokenizer.fingerprint(), attention=config.attention, precision=precision)
+    info.update(micro_batch_size=micro_batch_size)
     with fabric.autocast():
         imp = build_importance(
             model,
@@ -1033,6 +1059,7 @@ def apply(
     records = [record for _, record in located]
     imp = Importance.load(importance)
     tokenizer = Tokenizer(tokenizer_dir)
+    imp.check_tokenizer(tokenizer)
 
     report = {"examples": len(records), "truncated": 0, "unfit": 0, "tokens_before": 0, "tokens_after": 0}
     fractions = []

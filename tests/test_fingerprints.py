@@ -173,3 +173,49 @@ def test_unreadable_tokenizer_files_name_the_file(root, tmp_path):
     with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON") as e:
         Tokenizer(tmp_path / "config")
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------- item 6: dictionaries
+@pytest.fixture(scope="module")
+def importance(root) -> Path:
+    """An attention dictionary of the `ckpt` checkpoint, built as `litattn truncate build` builds it."""
+    from litattn.data import TextFiles
+    from litattn.truncation import build
+
+    data = TextFiles(train_dirs=[root / "text"], val_fraction=0.5)
+    out = root / "importance.json"
+    build(root / "ckpt", out, data, seq_len=32, micro_batch_size=2, max_batches=2, cache_dir=root / "cache")
+    return out
+
+
+def test_a_dictionary_of_another_tokenizer_is_refused_by_apply_and_generate(root, importance):
+    from litattn.truncation import Importance
+
+    mine, theirs = Tokenizer(root / "ckpt").fingerprint(), Tokenizer(root / "other").fingerprint()
+    assert Importance.load(importance).info["tokenizer"] == mine
+    model = GPT(Config.from_name("tiny-llama", vocab_size=300, block_size=64))
+    ckpt.save_checkpoint(root / "ckpt-other", model.state_dict(), model.config, Tokenizer(root / "other"))
+    old = Importance.from_scores({i: 1.0 / (i + 1) for i in range(0, 4096, 7)} | {4095: 0.5})  # no fingerprint
+    old.save(root / "old.json")
+
+    def apply(dictionary: Path, tokenizer_dir: Path, output: str) -> list:
+        return [
+            "truncate", "apply", "--input", root / "examples.jsonl", "--output", root / output, "--max_length", "16",
+            "--importance", dictionary, "--tokenizer_dir", tokenizer_dir,
+        ]  # fmt: skip
+
+    results = run_cli(
+        apply(importance, root / "other", "cut-other.jsonl"),
+        ["generate", "--checkpoint_dir", root / "ckpt-other", "--prompt", "def add(a, b): return a + b " * 8,
+         "--max_new_tokens", "2", "--truncate", "attention", "--importance", importance, "--prompt_budget", "8"],
+        apply(root / "old.json", root / "ckpt", "cut-old.jsonl"),
+        apply(importance, root / "ckpt", "cut.jsonl"),
+    )  # fmt: skip
+    for result in results[:2]:
+        assert_one_line_error(result, f"{importance} was built with another tokenizer", mine, theirs)
+    assert_one_line_error(
+        results[2], f"{root / 'old.json'} holds token ids up to 4095", f"{Tokenizer(root / 'ckpt').vocab_size}-token"
+    )
+    assert not (root / "cut-other.jsonl").exists() and not (root / "cut-old.jsonl").exists()
+    assert results[3][0] == 0, results[3][1]  # its own tokenizer
+    assert (root / "cut.jsonl").is_file()
