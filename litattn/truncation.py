@@ -622,10 +622,17 @@ def build_importance(
     if partial is not None and partial.exists():
         imp = Importance.load(partial)
         done = imp.info.get("batches", 0)
-        if {k: v for k, v in imp.info.items() if k != "batches"} != settings or imp.default != default:
+        saved = {k: v for k, v in imp.info.items() if k != "batches"}
+        differ = _differences({**saved, "default": imp.default}, {**settings, "default": default})
+        if differ:
             raise ValueError(
-                f"{partial} holds a build with other settings ({imp.info}); delete it to start afresh, or build with "
+                f"{partial} holds a build with other settings ({differ}); delete it to start afresh, or build with "
                 "those settings to resume it"
+            )
+        if max_batches is not None and done > max_batches:
+            raise ValueError(
+                f"{partial} already covers {done} batches, more than max_batches {max_batches}: delete it to build "
+                f"over {max_batches} batches, or set max_batches to {done} or more (or none) to resume it"
             )
     total = len(batches) if hasattr(batches, "__len__") else None
     if max_batches is not None:
@@ -651,6 +658,29 @@ def build_importance(
         imp.save(out)
         partial.unlink(missing_ok=True)
     return imp
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """The settings that differ, each as `key: <saved> in the partial file, <now> now` (long values cut to the
+    place where they differ)."""
+    missing = object()
+
+    def brief(value: Any, other: Any) -> str:
+        if value is missing:
+            return "absent"
+        text, against = repr(value), repr(other)
+        if len(text) <= 60:
+            return text
+        start = next((i for i, (a, b) in enumerate(zip(text, against, strict=False)) if a != b), len(against))
+        start = max(0, min(start - 20, len(text) - 60))
+        return ("..." if start else "") + text[start : start + 60] + ("..." if start + 60 < len(text) else "")
+
+    parts = []
+    for key in sorted(set(saved) | set(now)):
+        before, after = saved.get(key, missing), now.get(key, missing)
+        if before != after:
+            parts.append(f"{key}: {brief(before, after)} in the partial file, {brief(after, before)} now")
+    return "; ".join(parts)
 
 
 def build_frequency(

@@ -219,3 +219,27 @@ def test_a_dictionary_of_another_tokenizer_is_refused_by_apply_and_generate(root
     assert not (root / "cut-other.jsonl").exists() and not (root / "cut-old.jsonl").exists()
     assert results[3][0] == 0, results[3][1]  # its own tokenizer
     assert (root / "cut.jsonl").is_file()
+
+
+# ---------------------------------------------------------------------------------- items 7, 15: resumed builds
+def test_a_resumed_build_never_returns_more_batches_and_names_the_setting_that_differs(root, importance):
+    from litattn.truncation import Importance, partial_path
+
+    out = root / "resumed.json"
+    shutil.copy(importance, partial_path(out))  # a build of 2 batches, as if stopped there
+
+    def build(*extra) -> list:
+        return [
+            "truncate", "build", "--checkpoint_dir", root / "ckpt", "--data", "TextFiles",
+            "--data.train_dirs", f"[{root / 'text'}]", "--data.val_fraction", "0.5", "--seq_len", "32",
+            "--micro_batch_size", "2", "--cache_dir", root / "cache", "--out", out, *extra,
+        ]  # fmt: skip
+
+    other, fewer, more = run_cli(
+        build("--max_batches", "2", "--variant", "original"), build("--max_batches", "1"), build("--max_batches", "3")
+    )
+    assert_one_line_error(other, "variant: 'received' in the partial file, 'original' now")
+    assert "checkpoint_dir" not in other[1] and len(other[1]) < 400  # the key that differs, not every setting
+    assert_one_line_error(fewer, "already covers 2 batches, more than max_batches 1")
+    assert more[0] == 0, more[1]
+    assert Importance.load(out).info["batches"] == 3 and not partial_path(out).exists()
