@@ -63,6 +63,11 @@ Method = Literal["attention", "idf"]
 
 FORMAT = "litattn.importance"
 FORMAT_VERSION = 1
+MAX_TOKEN_ID = 2**24
+"""Token ids of a dictionary are below this (the largest vocabularies have ~2**18): a larger one is a corrupt file,
+not a table of that many entries to allocate."""
+MAX_COUNT = 2**62
+"""Occurrence and document counts are below this (int64, with room to add)."""
 FIELDS = ("instruction", "input", "output")
 """The text fields of an instruction example (litattn.data.instructions)."""
 
@@ -322,10 +327,8 @@ class Importance:
 
     def __init__(self, method: Method = "attention", *, default: float | None = None, info: dict | None = None):
         _check_choice("method", method, Method)
-        if default is not None and (
-            isinstance(default, bool) or not isinstance(default, (int, float)) or math.isnan(default)
-        ):
-            raise ValueError(f"default must be a number (or null for the mean score), got {default!r}")
+        if default is not None and not _is_number(default):
+            raise ValueError(f"default must be a number (or null for the mean score), got {_short_repr(default)}")
         self.method = method
         self.default = None if default is None else float(default)
         self.info: dict[str, Any] = dict(info or {})
@@ -378,6 +381,8 @@ class Importance:
             return
         if int(ids.min()) < 0:
             raise ValueError(f"token ids must be >= 0, got {int(ids.min())}")
+        if int(ids.max()) >= MAX_TOKEN_ID:
+            raise ValueError(f"token ids must be below {MAX_TOKEN_ID:,}, got {int(ids.max()):,}")
         size = int(ids.max()) + 1
         if size > len(self.counts):
             self.sums = torch.cat([self.sums, self.sums.new_zeros(size - len(self.sums))])
@@ -487,7 +492,7 @@ class Importance:
             )
         try:
             data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             raise ValueError(f"{path} is not an importance file (not valid JSON: {e}); rebuild it") from None
         try:
             imp = cls._from_json(data)
@@ -510,20 +515,44 @@ class Importance:
         sums = data["sums"] if imp.method == "attention" else [0.0] * len(ids)
         if not all(isinstance(x, list) for x in (ids, counts, sums)) or not len(ids) == len(counts) == len(sums):
             raise ValueError("ids, counts and sums must be lists of one length")
-        if not all(type(i) is int and i >= 0 for i in ids) or len(set(ids)) != len(ids):
-            raise ValueError("ids must be distinct integers >= 0")
-        if not all(type(c) is int and c >= 1 for c in counts):
-            raise ValueError("counts must be integers >= 1")
-        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in sums):
-            raise ValueError("sums must be finite numbers")
-        if type(data["documents"]) is not int or data["documents"] < 0 or not isinstance(imp.info, dict):
-            raise ValueError("documents must be an integer >= 0 and info a mapping")
+        _check_each(
+            "ids", ids, lambda i: type(i) is int and 0 <= i < MAX_TOKEN_ID, f"integers in [0, {MAX_TOKEN_ID:,})"
+        )
+        if len(set(ids)) != len(ids):
+            raise ValueError("ids must be distinct")
+        _check_each("counts", counts, lambda c: type(c) is int and 1 <= c < MAX_COUNT, "integers in [1, 2**62)")
+        _check_each("sums", sums, lambda x: _is_number(x) and math.isfinite(x), "finite numbers")
+        if type(data["documents"]) is not int or not 0 <= data["documents"] < MAX_COUNT:
+            raise ValueError(f"documents must be an integer in [0, 2**62), got {_short_repr(data['documents'])}")
+        if not isinstance(imp.info, dict):
+            raise ValueError("info must be a mapping")
         ids_t = torch.tensor(ids, dtype=torch.long)
         imp._grow(ids_t)
         imp.counts[ids_t] = torch.tensor(counts, dtype=torch.long)
         imp.sums[ids_t] = torch.tensor(sums, dtype=torch.float64)
         imp.documents = data["documents"]
         return imp
+
+
+def _is_number(x: Any) -> bool:
+    """An int or float that a float holds (a JSON integer of 400 digits does not), NaN excluded."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return not math.isnan(float(x))
+    except OverflowError:
+        return False
+
+
+def _short_repr(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def _check_each(name: str, values: list, ok, what: str) -> None:
+    for value in values:
+        if not ok(value):
+            raise ValueError(f"{name} must be {what}, got {_short_repr(value)}")
 
 
 class Batches:

@@ -243,3 +243,38 @@ def test_a_resumed_build_never_returns_more_batches_and_names_the_setting_that_d
     assert_one_line_error(fewer, "already covers 2 batches, more than max_batches 1")
     assert more[0] == 0, more[1]
     assert Importance.load(out).info["batches"] == 3 and not partial_path(out).exists()
+
+
+# ---------------------------------------------------------------------------------- item 11: numbers out of range
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("sums", "[1" + "0" * 400 + "]", "sums must be finite numbers, got 1000"),  # an int no float holds
+        ("default", "1" + "0" * 400, "default must be a number"),
+        ("ids", "[16777216]", "ids must be integers in [0, 16,777,216), got 16777216"),  # 2**24: not a table size
+        ("ids", "[1000000000000]", "ids must be integers in [0, 16,777,216)"),
+        ("ids", "[-3]", "ids must be integers in [0, 16,777,216), got -3"),
+        ("counts", "[" + str(2**70) + "]", "counts must be integers in [1, 2**62)"),
+        ("documents", str(2**70), "documents must be an integer in [0, 2**62)"),
+        ("sums", "[" + "1" * 5000 + "]", "not valid JSON"),  # beyond Python's 4300-digit limit
+    ],
+    ids=["sum-over-float", "default-over-float", "id-2**24", "id-10**12", "id-negative", "count-2**70",
+         "documents-2**70", "int-of-5000-digits"],
+)  # fmt: skip
+def test_an_importance_file_with_numbers_out_of_range_is_a_one_line_error(tmp_path, capsys, field, value, message):
+    from litattn.__main__ import main
+
+    good = {"format": "litattn.importance", "version": 1, "method": "attention", "default": None, "documents": 0}
+    good |= {"info": {}, "ids": [5], "counts": [1], "sums": [0.5]}
+    text = json.dumps(good).replace(f'"{field}": {json.dumps(good[field])}', f'"{field}": {value}')
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    (tmp_path / "in.jsonl").write_text('{"instruction": "x", "output": "y"}\n')
+    argv = ["truncate", "apply", "--input", tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl"]
+    argv += ["--max_length", "8", "--importance", path, "--tokenizer_dir", tmp_path]
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"litattn: error: {path} is not an importance file (") and message in err, err
+    assert not (tmp_path / "out.jsonl").exists()
