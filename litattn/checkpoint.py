@@ -3,7 +3,8 @@
     <dir>/model.safetensors       weights (safetensors: loading never runs pickled code)
     <dir>/model_config.yaml       Config.save
     <dir>/hyperparameters.yaml    the run's arguments (optional)
-    <dir>/tokenizer.json|.model   tokenizer.save (optional)
+    <dir>/tokenizer.json|.model   tokenizer.save (optional), with tokenizer_fingerprint.json: loading refuses
+                                  a tokenizer swapped in later
     <dir>/training_state.pt       resumable runs: optimizer, step, data position, RNG (plain data only,
                                   so torch.load(weights_only=True) reads it)
 

@@ -160,8 +160,9 @@ def generate(
     return torch.cat(tokens)
 
 
-def _prompt_scorer(strategy: str | None, importance: Path | None, prompt_budget: int | None):
-    """The dictionary of a dictionary strategy, loaded (and the options checked) before the model loads."""
+def _prompt_scorer(strategy: str | None, importance: Path | None, prompt_budget: int | None, checkpoint_dir: Path):
+    """The dictionary of a dictionary strategy, loaded (and the options and its tokenizer checked) before the model
+    loads."""
     if strategy is None:
         if importance is not None or prompt_budget is not None:
             raise ValueError("importance and prompt_budget are read with --truncate only; set --truncate or drop them")
@@ -175,9 +176,14 @@ def _prompt_scorer(strategy: str | None, importance: Path | None, prompt_budget:
         )
     if importance is None:
         return None
+    from litattn.checkpoint import has_tokenizer
+    from litattn.tokenizer import Tokenizer
     from litattn.truncation import Importance
 
-    return Importance.load(importance)
+    imp = Importance.load(importance)
+    if has_tokenizer(checkpoint_dir):  # else loading the checkpoint says what is missing
+        imp.check_tokenizer(Tokenizer(checkpoint_dir))
+    return imp
 
 
 def _truncate_prompt(ids: list[int], budget: int, strategy: str, imp, model, head: int, tail: int) -> list[int]:
@@ -319,7 +325,7 @@ def main(
     check_streaming_args(stream_window, sink_size, stream_chunk)
     check_range("prompt_budget", prompt_budget, ge=1, null="the context minus max_new_tokens")
     check_range("protect_last", protect_last, ge=0)
-    scores_of = _prompt_scorer(truncate, importance, prompt_budget)  # a bad dictionary fails before the model loads
+    scores_of = _prompt_scorer(truncate, importance, prompt_budget, checkpoint_dir)
     if instruction is not None:
         prompt = format_prompt(instruction)
     model, tokenizer, _ = load_with_tokenizer(checkpoint_dir, attention=attention, context=context)

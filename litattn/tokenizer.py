@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from litattn.utils import atomic_write, content_key, make_temp_dir, remove_stale_temps
 
@@ -38,7 +39,13 @@ TOKENIZER_FORMAT_VERSION = 1
 MODEL_FILES = ("tokenizer.json", "tokenizer.model")
 """The files a tokenizer is loaded from, in order of preference: one list for every module that looks for one."""
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-"""Hugging Face files beside the model file that set special tokens (read, copied and fingerprinted with it)."""
+"""Hugging Face files beside the model file that set special tokens (read and copied with it)."""
+FINGERPRINT_FILE = "tokenizer_fingerprint.json"
+"""Written by `Tokenizer.save` beside the tokenizer: its fingerprint, so that a tokenizer swapped in later (another
+run's, another model's) is refused when the directory is loaded instead of silently giving other ids."""
+FINGERPRINT_VERSION = 1
+_HF_CONTENT = ("model", "added_tokens", "normalizer", "pre_tokenizer", "decoder")
+"""The parts of a tokenizer.json that decide ids and text (post-processor, padding, truncation: litattn never uses)."""
 
 
 class Tokenizer:
@@ -57,27 +64,35 @@ class Tokenizer:
                 f"No tokenizer.json or tokenizer.model in {str(self.checkpoint_dir)!r}; "
                 f"pass a checkpoint directory that holds one (or train one with Tokenizer.train)"
             )
-        # Keep the raw bytes: `save` copies them verbatim and `fingerprint` hashes exactly what was loaded.
+        # Keep the raw bytes: `save` copies them verbatim.
         names = [model_file.name] + [n for n in CONFIG_FILES if (self.checkpoint_dir / n).is_file()]
         self._files: dict[str, bytes] = {n: (self.checkpoint_dir / n).read_bytes() for n in names}
+        self.model_file = model_file
+        self._fingerprint: str | None = None
 
-        if model_file.name == "tokenizer.json":
+        self._hf = self._sp = None
+        self.backend = "huggingface" if model_file.name == "tokenizer.json" else "sentencepiece"
+        if self.backend == "huggingface":
             from tokenizers import Tokenizer as HFTokenizer
-
-            self.backend = "huggingface"
-            self._hf = HFTokenizer.from_str(self._files["tokenizer.json"].decode("utf-8"))
-            self._sp = None
         else:
             import sentencepiece as spm
-
-            self.backend = "sentencepiece"
-            self._hf = None
-            self._sp = spm.SentencePieceProcessor(model_proto=self._files["tokenizer.model"])
+        try:
+            if self.backend == "huggingface":
+                self._hf = HFTokenizer.from_str(self._files["tokenizer.json"].decode("utf-8"))
+            else:
+                self._sp = spm.SentencePieceProcessor(model_proto=self._files["tokenizer.model"])
+        except Exception as e:  # `tokenizers` raises a plain Exception for a truncated or malformed file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(
+                f"{model_file} is not a readable tokenizer ({reason}): it is truncated or corrupt; copy it again "
+                "from the run or model it came from"
+            ) from None
 
         self.special_tokens: dict[str, int] = {
             name: i for name in SPECIAL_TOKENS if (i := self.token_to_id(name)) is not None
         }
         self.bos_id, self.eos_id, self.use_bos = self._resolve_bos_eos()
+        self._check_recorded_fingerprint()
 
     # ------------------------------------------------------------------ vocabulary
     @property
@@ -164,19 +179,66 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ files
     def save(self, out_dir: Path | str) -> None:
-        """Write the tokenizer file and its config files into `out_dir` (a checkpoint directory)."""
+        """Write the tokenizer file, its config files and its fingerprint (`FINGERPRINT_FILE`, checked when the
+        directory is loaded again) into `out_dir` (a checkpoint directory)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, data in self._files.items():
             atomic_write(out_dir / name, lambda tmp, data=data: tmp.write_bytes(data))
+        record = {
+            "fingerprint": self.fingerprint(),
+            "version": FINGERPRINT_VERSION,
+            "file": self.model_file.name,
+            "vocab_size": self.vocab_size,
+        }
+        atomic_write(out_dir / FINGERPRINT_FILE, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
     def fingerprint(self) -> str:
-        """A stable hash of the files that decide the token ids (keys data caches: a new tokenizer, new cache)."""
-        h = hashlib.sha256()
-        for name in sorted(self._files):
-            h.update(f"{name}\0{len(self._files[name])}\0".encode())
-            h.update(self._files[name])
-        return h.hexdigest()[:16]
+        """A hash of what decides the token ids and the decoded text, not of how the file is written.
+
+        Hugging Face `tokenizers`: the model (vocabulary, merges), added tokens, normalizer, pre-tokenizer and
+        decoder of tokenizer.json, as parsed (formatting, key order and the merges' notation do not count);
+        sentencepiece: the model's bytes; both: the BOS/EOS ids and whether BOS is added. It keys the data caches
+        and is recorded beside a saved tokenizer (`save`), so a swapped tokenizer is refused on load.
+        """
+        if self._fingerprint is None:
+            if self._hf is not None:
+                spec = json.loads(self._files["tokenizer.json"])
+                content: dict[str, Any] = {k: spec.get(k) for k in _HF_CONTENT}
+                model = content["model"]
+                if isinstance(model, dict) and isinstance(model.get("merges"), list):  # "a b" and ["a", "b"]
+                    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+                    content["model"] = {**model, "merges": merges}
+            else:
+                content = {"sentencepiece": hashlib.sha256(self._files["tokenizer.model"]).hexdigest()}
+            content.update(bos=self.bos_id, eos=self.eos_id, use_bos=self.use_bos)
+            text = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            self._fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self._fingerprint
+
+    def _check_recorded_fingerprint(self) -> None:
+        """Refuse a tokenizer that is not the one `save` recorded in this directory (a swapped file)."""
+        path = self.checkpoint_dir / FINGERPRINT_FILE
+        if not path.is_file():
+            return  # saved before fingerprints were recorded, or a tokenizer directory of its own
+        try:
+            record = json.loads(path.read_bytes())
+            recorded = record["fingerprint"]
+            if not isinstance(recorded, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(
+                f"{path} is not a tokenizer fingerprint record (a JSON object with a 'fingerprint'); delete it if "
+                f"{self.model_file.name} is the tokenizer the weights beside it were trained with"
+            ) from None
+        if recorded != self.fingerprint():
+            size = f", {record['vocab_size']} tokens" if isinstance(record.get("vocab_size"), int) else ""
+            raise ValueError(
+                f"{self.model_file} (fingerprint {self.fingerprint()}, {self.vocab_size} tokens) is not the tokenizer "
+                f"this directory was saved with (fingerprint {recorded}{size}, recorded in {FINGERPRINT_FILE}): "
+                "the weights beside it were trained on that one's ids; put that tokenizer back (or delete "
+                f"{FINGERPRINT_FILE} if this one really has the same ids)"
+            )
 
     def __repr__(self) -> str:
         return (
@@ -186,7 +248,7 @@ class Tokenizer:
 
     def _resolve_bos_eos(self) -> tuple[int | None, int | None, bool]:
         """BOS/EOS from the Hugging Face config files, else the special-token table, else sentencepiece's ids."""
-        configs = {n: json.loads(self._files[n]) for n in CONFIG_FILES if n in self._files}
+        configs = {n: self._config_file(n) for n in CONFIG_FILES if n in self._files}
         ids: dict[str, int | None] = {"bos": None, "eos": None}
         for which in ids:
             for name in ("tokenizer_config.json", "special_tokens_map.json"):
@@ -214,6 +276,17 @@ class Tokenizer:
         add_bos = configs.get("tokenizer_config.json", {}).get("add_bos_token")
         use_bos = bool(add_bos) if add_bos is not None else (self._sp is not None and ids["bos"] is not None)
         return ids["bos"], ids["eos"], use_bos
+
+    def _config_file(self, name: str) -> dict[str, Any]:
+        try:
+            value = json.loads(self._files[name])
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(
+                f"{self.checkpoint_dir / name} is not valid JSON ({e}): it is truncated or corrupt"
+            ) from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{self.checkpoint_dir / name} does not hold a JSON object")
+        return value
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -327,4 +400,4 @@ def _hf_parallelism(enabled: bool) -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-__all__ = ["N_SET", "SPECIAL_TOKENS", "Tokenizer", "read_text", "train_or_load_tokenizer"]
+__all__ = ["FINGERPRINT_FILE", "N_SET", "SPECIAL_TOKENS", "Tokenizer", "read_text", "train_or_load_tokenizer"]

@@ -63,6 +63,11 @@ Method = Literal["attention", "idf"]
 
 FORMAT = "litattn.importance"
 FORMAT_VERSION = 1
+MAX_TOKEN_ID = 2**24
+"""Token ids of a dictionary are below this (the largest vocabularies have ~2**18): a larger one is a corrupt file,
+not a table of that many entries to allocate."""
+MAX_COUNT = 2**62
+"""Occurrence and document counts are below this (int64, with room to add)."""
 FIELDS = ("instruction", "input", "output")
 """The text fields of an instruction example (litattn.data.instructions)."""
 
@@ -322,16 +327,15 @@ class Importance:
 
     def __init__(self, method: Method = "attention", *, default: float | None = None, info: dict | None = None):
         _check_choice("method", method, Method)
-        if default is not None and (
-            isinstance(default, bool) or not isinstance(default, (int, float)) or math.isnan(default)
-        ):
-            raise ValueError(f"default must be a number (or null for the mean score), got {default!r}")
+        if default is not None and not _is_number(default):
+            raise ValueError(f"default must be a number (or null for the mean score), got {_short_repr(default)}")
         self.method = method
         self.default = None if default is None else float(default)
         self.info: dict[str, Any] = dict(info or {})
         self.sums = torch.zeros(0, dtype=torch.float64)  # (V,) attention: the scores of each id, summed
         self.counts = torch.zeros(0, dtype=torch.int64)  # (V,) attention: occurrences; idf: documents holding it
         self.documents = 0
+        self.source: Path | None = None  # the file `load` read
         self._table: torch.Tensor | None = None
         self._default = 0.0
 
@@ -377,6 +381,8 @@ class Importance:
             return
         if int(ids.min()) < 0:
             raise ValueError(f"token ids must be >= 0, got {int(ids.min())}")
+        if int(ids.max()) >= MAX_TOKEN_ID:
+            raise ValueError(f"token ids must be below {MAX_TOKEN_ID:,}, got {int(ids.max()):,}")
         size = int(ids.max()) + 1
         if size > len(self.counts):
             self.sums = torch.cat([self.sums, self.sums.new_zeros(size - len(self.sums))])
@@ -432,6 +438,28 @@ class Importance:
     def __repr__(self) -> str:
         return f"Importance(method={self.method!r}, ids={len(self)}, default={self.default!r})"
 
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse a tokenizer whose ids are not the ones the dictionary was built on: the fingerprint recorded by
+        `litattn truncate build` (`info["tokenizer"]`) must be the tokenizer's; a dictionary without one (built
+        before they were recorded) must at least hold no id beyond the tokenizer's vocabulary."""
+        name = str(self.source) if self.source is not None else "the importance dictionary"
+        recorded = self.info.get("tokenizer")
+        if recorded is not None and recorded != tokenizer.fingerprint():
+            built_from = self.info.get("checkpoint_dir")
+            raise ValueError(
+                f"{name} was built with another tokenizer (fingerprint {recorded}"
+                + (f", of {built_from}" if built_from else "")
+                + f") than {tokenizer.model_file}'s (fingerprint {tokenizer.fingerprint()}): its token ids mean "
+                "other tokens here; build a dictionary with this checkpoint (`litattn truncate build "
+                "--checkpoint_dir ...`) or use the tokenizer it was built with"
+            )
+        if recorded is None and len(self.counts) > tokenizer.vocab_size:
+            raise ValueError(
+                f"{name} holds token ids up to {len(self.counts) - 1}, beyond the {tokenizer.vocab_size}-token "
+                f"vocabulary of {tokenizer.model_file}: it was built with another tokenizer; build a dictionary "
+                "with this checkpoint (`litattn truncate build --checkpoint_dir ...`)"
+            )
+
     # ------------------------------------------------------------------ files
     def save(self, path: Path | str) -> Path:
         """Write the dictionary as JSON (atomically: a crash leaves the old file or none, never half of one)."""
@@ -464,15 +492,17 @@ class Importance:
             )
         try:
             data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             raise ValueError(f"{path} is not an importance file (not valid JSON: {e}); rebuild it") from None
         try:
-            return cls._from_json(data)
-        except (KeyError, TypeError, ValueError) as e:
+            imp = cls._from_json(data)
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             problem = f"no {e} field" if isinstance(e, KeyError) else str(e)
             raise ValueError(
                 f"{path} is not an importance file ({problem}); rebuild it with `litattn truncate build`"
             ) from None
+        imp.source = path
+        return imp
 
     @classmethod
     def _from_json(cls, data: Any) -> Importance:
@@ -485,20 +515,44 @@ class Importance:
         sums = data["sums"] if imp.method == "attention" else [0.0] * len(ids)
         if not all(isinstance(x, list) for x in (ids, counts, sums)) or not len(ids) == len(counts) == len(sums):
             raise ValueError("ids, counts and sums must be lists of one length")
-        if not all(type(i) is int and i >= 0 for i in ids) or len(set(ids)) != len(ids):
-            raise ValueError("ids must be distinct integers >= 0")
-        if not all(type(c) is int and c >= 1 for c in counts):
-            raise ValueError("counts must be integers >= 1")
-        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in sums):
-            raise ValueError("sums must be finite numbers")
-        if type(data["documents"]) is not int or data["documents"] < 0 or not isinstance(imp.info, dict):
-            raise ValueError("documents must be an integer >= 0 and info a mapping")
+        _check_each(
+            "ids", ids, lambda i: type(i) is int and 0 <= i < MAX_TOKEN_ID, f"integers in [0, {MAX_TOKEN_ID:,})"
+        )
+        if len(set(ids)) != len(ids):
+            raise ValueError("ids must be distinct")
+        _check_each("counts", counts, lambda c: type(c) is int and 1 <= c < MAX_COUNT, "integers in [1, 2**62)")
+        _check_each("sums", sums, lambda x: _is_number(x) and math.isfinite(x), "finite numbers")
+        if type(data["documents"]) is not int or not 0 <= data["documents"] < MAX_COUNT:
+            raise ValueError(f"documents must be an integer in [0, 2**62), got {_short_repr(data['documents'])}")
+        if not isinstance(imp.info, dict):
+            raise ValueError("info must be a mapping")
         ids_t = torch.tensor(ids, dtype=torch.long)
         imp._grow(ids_t)
         imp.counts[ids_t] = torch.tensor(counts, dtype=torch.long)
         imp.sums[ids_t] = torch.tensor(sums, dtype=torch.float64)
         imp.documents = data["documents"]
         return imp
+
+
+def _is_number(x: Any) -> bool:
+    """An int or float that a float holds (a JSON integer of 400 digits does not), NaN excluded."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return not math.isnan(float(x))
+    except OverflowError:
+        return False
+
+
+def _short_repr(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def _check_each(name: str, values: list, ok, what: str) -> None:
+    for value in values:
+        if not ok(value):
+            raise ValueError(f"{name} must be {what}, got {_short_repr(value)}")
 
 
 class Batches:
@@ -597,10 +651,17 @@ def build_importance(
     if partial is not None and partial.exists():
         imp = Importance.load(partial)
         done = imp.info.get("batches", 0)
-        if {k: v for k, v in imp.info.items() if k != "batches"} != settings or imp.default != default:
+        saved = {k: v for k, v in imp.info.items() if k != "batches"}
+        differ = _differences({**saved, "default": imp.default}, {**settings, "default": default})
+        if differ:
             raise ValueError(
-                f"{partial} holds a build with other settings ({imp.info}); delete it to start afresh, or build with "
+                f"{partial} holds a build with other settings ({differ}); delete it to start afresh, or build with "
                 "those settings to resume it"
+            )
+        if max_batches is not None and done > max_batches:
+            raise ValueError(
+                f"{partial} already covers {done} batches, more than max_batches {max_batches}: delete it to build "
+                f"over {max_batches} batches, or set max_batches to {done} or more (or none) to resume it"
             )
     total = len(batches) if hasattr(batches, "__len__") else None
     if max_batches is not None:
@@ -626,6 +687,29 @@ def build_importance(
         imp.save(out)
         partial.unlink(missing_ok=True)
     return imp
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """The settings that differ, each as `key: <saved> in the partial file, <now> now` (long values cut to the
+    place where they differ)."""
+    missing = object()
+
+    def brief(value: Any, other: Any) -> str:
+        if value is missing:
+            return "absent"
+        text, against = repr(value), repr(other)
+        if len(text) <= 60:
+            return text
+        start = next((i for i, (a, b) in enumerate(zip(text, against, strict=False)) if a != b), len(against))
+        start = max(0, min(start - 20, len(text) - 60))
+        return ("..." if start else "") + text[start : start + 60] + ("..." if start + 60 < len(text) else "")
+
+    parts = []
+    for key in sorted(set(saved) | set(now)):
+        before, after = saved.get(key, missing), now.get(key, missing)
+        if before != after:
+            parts.append(f"{key}: {brief(before, after)} in the partial file, {brief(after, before)} now")
+    return "; ".join(parts)
 
 
 def build_frequency(
@@ -944,7 +1028,7 @@ def build(
         seq_len = seq_len or config.block_size
         data.setup(tokenizer, config.vocab_size, seq_len, Path(cache_dir))
         dataset = data.train_dataset() if split == "train" else data.val_dataset()
-        info["seq_len"] = seq_len
+        info.update(seq_len=seq_len, tokenizer=tokenizer.fingerprint())
         batches = itertools.islice(Batches(dataset, micro_batch_size), max_batches)
         docs = (batch["input_ids"][b, :n] for batch in batches for b, n in enumerate(batch_lengths(batch).tolist()))
         imp = build_frequency(docs, default=default, info=info)
@@ -964,7 +1048,8 @@ def build(
     seq_len = seq_len or config.block_size
     data.setup(tokenizer, config.vocab_size, seq_len, Path(cache_dir))
     dataset = data.train_dataset() if split == "train" else data.val_dataset()
-    info.update(seq_len=seq_len, attention=config.attention, precision=precision, micro_batch_size=micro_batch_size)
+    info.update(seq_len=seq_len, tokenizer=tokenizer.fingerprint(), attention=config.attention, precision=precision)
+    info.update(micro_batch_size=micro_batch_size)
     with fabric.autocast():
         imp = build_importance(
             model,
@@ -1033,6 +1118,7 @@ def apply(
     records = [record for _, record in located]
     imp = Importance.load(importance)
     tokenizer = Tokenizer(tokenizer_dir)
+    imp.check_tokenizer(tokenizer)
 
     report = {"examples": len(records), "truncated": 0, "unfit": 0, "tokens_before": 0, "tokens_after": 0}
     fractions = []

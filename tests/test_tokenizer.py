@@ -89,7 +89,9 @@ def test_bos_and_eos_are_added_only_when_asked(tokenizer):
 
 def test_save_and_load_round_trip(tokenizer, tmp_path):
     tokenizer.save(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "tokenizer.json", "tokenizer_config.json", "tokenizer_fingerprint.json"
+    ]  # fmt: skip
     loaded = Tokenizer(tmp_path / "ckpt")
     for text in CORPUS + ["unseen text: Ωmega ✓ <|pad|> end"]:
         assert loaded.encode(text, bos=True, eos=True) == tokenizer.encode(text, bos=True, eos=True)
@@ -191,7 +193,9 @@ def test_sentencepiece_model(tmp_path):
     swapped = Tokenizer(tmp_path / "ckpt")
     assert (swapped.bos_id, swapped.eos_id) == (2, 1)
     swapped.save(tmp_path / "copy")
-    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == [
+        "tokenizer.model", "tokenizer_config.json", "tokenizer_fingerprint.json"
+    ]  # fmt: skip
     assert Tokenizer(tmp_path / "copy").encode("alpha beta") == tok.encode("alpha beta")
 
 

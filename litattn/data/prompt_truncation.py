@@ -152,6 +152,7 @@ class PromptScorer:
             self.key = ["live", _weights_digest(Path(scorer))]
         elif importance is not None:
             self.importance = Importance.load(importance)
+            self.importance.check_tokenizer(tokenizer)
             self.key = [strategy, file_digest(Path(importance))]
         else:  # idf of the training prompts
             self.key = [strategy, "train-prompts"]
