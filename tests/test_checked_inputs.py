@@ -54,3 +54,73 @@ def test_hybrid_prefix_len_uses_the_same_check():
         with pytest.raises(ValueError, match=r"^hybrid: prefix_len must be integers of shape \(2,\), one per row") as e:
             model(idx, prefix_len=bad)
         assert said in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------- item 10: standalone Self-Extend
+def _heads(H=4, Hkv=2, T=12, D=8, B=1):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, h, T, D, generator=g) for h in (H, Hkv, Hkv)]
+
+
+@pytest.mark.parametrize(
+    "group_size, window, said",
+    [
+        (-2, 4, "group_size must be >= 1, got -2"),
+        (0, 4, "group_size must be >= 1, got 0"),  # was a ZeroDivisionError
+        (2.5, 4, "'group_size' expects int, got 2.5"),
+        (2, 0, "window must be >= 1, got 0"),
+        (2, -5, "window must be >= 1, got -5"),
+        (2, True, "'window' expects int, got True"),
+    ],
+)
+def test_self_extend_api_refuses_bad_group_size_and_window(group_size, window, said):
+    from litattn.attention.self_extend import SelfExtendAttention, self_extend_attention
+
+    for call, owner in (
+        (lambda: self_extend_attention(*_heads(), group_size, window), "self_extend_attention"),
+        (lambda: SelfExtendAttention(32, 4, group_size, window), "SelfExtendAttention"),
+    ):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value).startswith(f"{owner}: ") and said in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "tensors, said",
+    [
+        (_heads(H=4, Hkv=3), "the 3 key/value heads must divide the 4 query heads"),
+        (_heads(D=7), "the head size must be even"),
+        (_heads()[:2] + [torch.randn(1, 2, 10, 8)], "k, v (B, H_kv, T, D) alike"),
+        ([torch.randn(1, 4, 12, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)], "must agree in batch, length"),
+        ([torch.randn(4, 12, 8)] + _heads()[1:], "q must be (B, H, T, D)"),
+    ],
+)
+def test_self_extend_function_refuses_tensors_that_do_not_fit(tensors, said):
+    from litattn.attention.self_extend import self_extend_attention
+
+    with pytest.raises(ValueError, match="^self_extend_attention: ") as e:
+        self_extend_attention(*tensors, 2, 4)
+    assert said in str(e.value) and "\n" not in str(e.value)
+
+
+def test_self_extend_module_refuses_odd_heads_wrong_pos_and_shapes():
+    from litattn.attention.self_extend import SelfExtendAttention
+
+    with pytest.raises(ValueError, match=r"dim=28 must be n_head=4 x an even head size"):
+        SelfExtendAttention(28, 4, 2, 4)  # head size 7
+    with pytest.raises(ValueError, match=r"dim=30 must be n_head=4 x"):
+        SelfExtendAttention(30, 4, 2, 4)
+    module = SelfExtendAttention(32, 4, 2, 4)
+    x = torch.randn(2, 12, 32)
+    cases = [
+        ((x, x, x, torch.arange(10)), r"pos must be integers of shape \(12,\), one position per token, got int64"),
+        ((x, x, x, torch.arange(12.0)), r"pos must be integers of shape \(12,\).*got float32"),
+        ((x, x, x, torch.arange(12).flip(0)), r"pos must be non-decreasing"),
+        ((x, x, torch.randn(2, 11, 32), torch.arange(12)), r"q, k and v must be \(B, T, 32\) alike"),
+        ((torch.randn(2, 12, 16),) * 3 + (torch.arange(12),), r"must be \(B, T, 32\) alike"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match) as e:
+            module(*args)
+        assert "\n" not in str(e.value)
+    torch.testing.assert_close(module(x, x, x, list(range(12))), module(x, x, x, torch.arange(12)))
