@@ -157,6 +157,12 @@ def _parser_class(parameters: dict[str, bool], path: str):
         def parse_args(self, *args, **kwargs):
             return fold(super().parse_args(*args, **kwargs), f"{path}." if path else "")
 
+        def error(self, message: str, ex: Exception | None = None):
+            if _UNION_DUMP in message:  # say what is wrong, not how each subtype of the Union failed
+                key = message.split(":", 1)[0] + ": " if message.startswith("Parser key") else ""
+                message = key + reason(ex if ex is not None else ValueError(message))
+            super().error(message, ex)
+
         def dump(self, cfg, *args, **kwargs):
             return super().dump(fold(cfg.clone()), *args, **kwargs)
 
@@ -197,11 +203,30 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except (ValueError, OSError, RuntimeError) as e:
         # Bad input (or a full disk, an unwritable path): one line that names the problem, exit 2, no traceback.
-        print(f"litattn: error: {e}", file=sys.stderr)
+        print(f"litattn: error: {reason(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C before a run installs its own handling (e.g. while tokenizing)
         print("litattn: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+_UNION_DUMP = "Does not validate against any of the Union subtypes"
+_NOT_NONE = "Expected a <class 'NoneType'>"
+
+
+def reason(e: BaseException) -> str:
+    """What an error says to the user: its message; for jsonargparse's dump of how each subtype of a Union failed
+    (`data: DataModule | None`, a dataclass option such as `set: SETPlacement | None`: 7-12 lines ending in a
+    Namespace), the one failure that matters, e.g. `set.pool must be in [1, 8], got 20`."""
+    if _UNION_DUMP not in str(e):
+        return str(e)
+    while _UNION_DUMP in str(e) and e.__cause__ is not None and not str(e.__cause__).startswith(_NOT_NONE):
+        e = e.__cause__  # jsonargparse raises the dump `from` the first subtype's error
+    text = str(e)
+    if _UNION_DUMP in text:  # no usable cause: the first listed error that is not a subtype mismatch
+        items = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+        text = next((i for i in items if not i.startswith((_UNION_DUMP, _NOT_NONE))), text)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:

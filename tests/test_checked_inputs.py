@@ -3,11 +3,29 @@ one line that names what was expected and what was given; on the command line, e
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from litattn import GPT, Config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def litattn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "litattn", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The user error a command ended with: exit 2, one line on stderr (returned without its prefix)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("litattn: error: "), result.stderr
+    return lines[0].removeprefix("litattn: error: ")
 
 
 # ---------------------------------------------------------------------------------- item 9: batch metadata
@@ -124,3 +142,34 @@ def test_self_extend_module_refuses_odd_heads_wrong_pos_and_shapes():
             module(*args)
         assert "\n" not in str(e.value)
     torch.testing.assert_close(module(x, x, x, list(range(12))), module(x, x, x, torch.arange(12)))
+
+
+# ---------------------------------------------------------------------------------- item 14: Union dumps
+def test_a_data_module_option_error_is_its_reason_in_one_line(tmp_path):
+    config = REPO / "config_hub/pretrain/disrupt-set-debug.yaml"
+    out = tmp_path / "out"
+    args = ("pretrain", "--config", str(config), "--out_dir", str(out), "--cache_dir", str(tmp_path / "cache"))
+    result = litattn(*args, "--data.set.pool", "20", "--accelerator", "cpu", cwd=tmp_path)
+    assert one_line_error(result) == "set.pool must be in [1, 8], got 20"
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_reason_unwraps_nested_union_dumps_and_keeps_other_messages():
+    from litattn.__main__ import reason
+
+    def union(cause: Exception, subtypes: str) -> ValueError:
+        try:
+            raise ValueError(
+                f"Does not validate against any of the Union subtypes\nSubtypes: {subtypes}\nErrors:\n"
+                f"  - {cause}\n  - Expected a <class 'NoneType'>\nGiven value: Namespace(...)"
+            ) from cause
+        except ValueError as e:
+            return e
+
+    inner = union(ValueError("set.pool must be in [1, 8], got 20"), "[SETPlacement, NoneType]")
+    assert reason(union(inner, "[DataModule, NoneType]")) == "set.pool must be in [1, 8], got 20"
+    multi = ValueError("Problem with given class_path 'x':\n  the following arguments are required: train_dirs")
+    assert reason(union(multi, "[DataModule]")) == (
+        "Problem with given class_path 'x': the following arguments are required: train_dirs"
+    )
+    assert reason(ValueError("plain\nmessage")) == "plain\nmessage"
