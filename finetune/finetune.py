@@ -82,9 +82,10 @@ def setup(
         cache_dir: Where tokenized examples are cached.
     """
     hyperparameters = hyperparameters_of(dict(locals()))
-    from litattn.args import check_run_args
+    from litattn.args import check_run_args, start_work
 
-    check_run_args(seed=seed, devices=devices, num_nodes=num_nodes, train=train)  # before any work
+    check_run_args(seed=seed, devices=devices, num_nodes=num_nodes, train=train)
+    start_work()  # the checks that need the checkpoint come after, in the command itself
     config = ckpt.load_config(checkpoint_dir, **(model or {}))
     if not any((Path(checkpoint_dir) / name).is_file() for name in ckpt.TOKENIZER_FILES):
         raise FileNotFoundError(

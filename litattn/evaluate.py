@@ -59,7 +59,7 @@ def perplexity(
     """
     from lightning_fabric import Fabric
 
-    from litattn.args import check_range
+    from litattn.args import check_range, start_work
     from litattn.checkpoint import load_with_tokenizer
     from litattn.loop import validation_loss
 
@@ -72,6 +72,7 @@ def perplexity(
             raise ValueError("lengths must be a non-empty list of token counts >= 1 (or null for block_size), got []")
         for n in lengths:
             check_range(f"lengths (each of {list(lengths)})", n, ge=1)
+    start_work()
 
     fabric = Fabric(accelerator="auto", devices=1, precision=precision)
     fabric.launch()
@@ -250,7 +251,7 @@ def streaming_perplexity(
     import numpy as np
     from lightning_fabric import Fabric
 
-    from litattn.args import check_range
+    from litattn.args import check_range, start_work
     from litattn.checkpoint import load_with_tokenizer
     from litattn.streaming import check_streamable
 
@@ -269,6 +270,7 @@ def streaming_perplexity(
     unknown = [m for m in methods if m not in STREAMING_METHODS]
     if not methods or unknown or len(set(methods)) < len(methods):
         raise ValueError(f"methods must be distinct names of {list(STREAMING_METHODS)}, got {methods}")
+    start_work()
 
     fabric = Fabric(accelerator="auto", devices=1, precision=precision)
     fabric.launch()

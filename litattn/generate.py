@@ -307,7 +307,7 @@ def main(
     Returns:
         The generated text (without the prompt).
     """
-    from litattn.args import check_range, check_seed
+    from litattn.args import check_range, check_seed, start_work
     from litattn.checkpoint import load_with_tokenizer
     from litattn.data.instructions import format_prompt
     from litattn.streaming import DEFAULT_SINK_SIZE, check_streamable, check_streaming_args
@@ -319,6 +319,7 @@ def main(
     check_streaming_args(stream_window, sink_size, stream_chunk)
     check_range("prompt_budget", prompt_budget, ge=1, null="the context minus max_new_tokens")
     check_range("protect_last", protect_last, ge=0)
+    start_work()
     scores_of = _prompt_scorer(truncate, importance, prompt_budget)  # a bad dictionary fails before the model loads
     if instruction is not None:
         prompt = format_prompt(instruction)

@@ -169,7 +169,7 @@ def passkey(
     import torch
     from tqdm import tqdm
 
-    from litattn.args import check_range, check_seed
+    from litattn.args import check_range, check_seed, start_work
     from litattn.checkpoint import load_with_tokenizer
     from litattn.evaluate import too_long
     from litattn.tokenizer import Tokenizer
@@ -189,6 +189,7 @@ def passkey(
     depths = [float(d) for d in (DEFAULT_DEPTHS if depths is None else depths)]
     for d in depths:
         check_range(f"depths (each of {depths})", d, ge=0, le=1)
+    start_work()
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:  # RuntimeError: the CLI reports it in one line

@@ -47,10 +47,12 @@ def attention(
     Returns:
         The path of the PNG file.
     """
+    from litattn.args import start_work
     from litattn.checkpoint import load_with_tokenizer
     from litattn.utils import atomic_write
 
     _require_matplotlib()
+    start_work()
     checkpoint_dir = Path(checkpoint_dir)
     model, tokenizer, config = load_with_tokenizer(checkpoint_dir, attention=attention_spec)
     _indexes(layers, model.block_applications(), "layer")  # out of range: an error now, before any map is computed

@@ -173,3 +173,58 @@ def test_reason_unwraps_nested_union_dumps_and_keeps_other_messages():
         "Problem with given class_path 'x': the following arguments are required: train_dirs"
     )
     assert reason(ValueError("plain\nmessage")) == "plain\nmessage"
+
+
+# ---------------------------------------------------------------------------------- item 16: --print_config checks
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (("pretrain", "--config", "config_hub/pretrain/debug.yaml", "--train.max_steps", "0"), "train.max_steps must"),
+        (("pretrain", "--config", "config_hub/pretrain/debug.yaml", "--train.max_seq_length", "100000"), "exceeds"),
+        (("generate", "--checkpoint_dir", "nowhere", "--max_new_tokens", "0"), "max_new_tokens must be >= 1, got 0"),
+        (("evaluate", "perplexity", "--checkpoint_dir", "nowhere", "--lengths", "[0]"), "must be >= 1, got 0"),
+        (("model", "list", "--attention", "{name: self_extend, group_size: 0}"), "group_size must be >= 1, got 0"),
+    ],
+)
+def test_print_config_refuses_what_the_command_would_refuse(args, said):
+    from litattn.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--print_config"])
+    assert e.value.code == 2
+
+
+def test_print_config_is_checked_on_the_command_line_and_still_prints_good_configs_and_templates(tmp_path):
+    config = str(REPO / "config_hub/pretrain/debug.yaml")
+    bad = litattn("pretrain", "--config", config, "--optimizer.min_lr", "1", "--print_config", cwd=tmp_path)
+    assert one_line_error(bad) == "optimizer.min_lr must be >= 0 and <= optimizer.lr (0.003), got 1"
+    assert bad.stdout == ""
+    good = litattn("pretrain", "--config", config, "--train.max_steps", "3", "--print_config", cwd=tmp_path)
+    assert good.returncode == 0 and "max_steps: 3" in good.stdout and good.stderr == ""
+    template = litattn("generate", "--print_config", cwd=tmp_path)  # checkpoint_dir not given yet: a template
+    assert template.returncode == 0 and "checkpoint_dir: null" in template.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing written, no out_dir
+
+
+def test_every_command_prints_its_config_without_running(capsys):
+    """Each subcommand calls litattn.args.start_work after its checks: with --print_config it prints and exits 0
+    (a command that ran instead would fail on the missing checkpoint; one that never calls start_work is an
+    error of the CLI)."""
+    import inspect
+
+    from litattn.__main__ import commands, main
+
+    def leaves(tree, path=()):
+        for name, node in tree.items():
+            yield from leaves(node, (*path, name)) if isinstance(node, dict) else [((*path, name), node)]
+
+    given = {"checkpoint_dir": "nowhere", "out_dir": "nowhere", "out": "nowhere", "variants": "{a: {}}",
+             "base": str(REPO / "config_hub/pretrain/debug.yaml"), "input": "nowhere", "output": "nowhere",
+             "max_length": "8", "importance": "nowhere", "tokenizer_dir": "nowhere", "prompt": "hi"}  # fmt: skip
+    for path, function in leaves(commands()):
+        params = inspect.signature(function).parameters
+        extra = [x for k, v in given.items() if k in params for x in (f"--{k}", v)]
+        with pytest.raises(SystemExit) as e:
+            main([*path, *extra, "--print_config"])
+        out = capsys.readouterr()
+        assert e.value.code in (0, None) and out.err == "", (path, out.err)
