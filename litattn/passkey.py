@@ -171,7 +171,7 @@ def passkey(
 
     from litattn.args import check_range, check_seed, start_work
     from litattn.checkpoint import load_with_tokenizer
-    from litattn.evaluate import too_long
+    from litattn.evaluate import require_some_run, too_long
     from litattn.tokenizer import Tokenizer
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -266,6 +266,7 @@ def passkey(
         "results": rows,
     }
     print(format_table(rows, depths))
+    require_some_run(rows)
     out_dir = checkpoint_dir / "eval" if out_dir is None else Path(out_dir)
     from litattn.utils import atomic_write_text
 

@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from litattn import GPT, Config
+from litattn import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def litattn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "litattn", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    command = [sys.executable, "-m", "litattn", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -228,3 +230,27 @@ def test_every_command_prints_its_config_without_running(capsys):
             main([*path, *extra, "--print_config"])
         out = capsys.readouterr()
         assert e.value.code in (0, None) and out.err == "", (path, out.err)
+
+
+# ---------------------------------------------------------------------------------- item 13: evaluate, no length ran
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained tiny-llama with block_size 64 and a small BPE trained here."""
+    import sysconfig
+
+    from litattn.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("checked")
+    tokenizer = Tokenizer.train([Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"], 320, root / "tok")
+    config = Config.from_name("tiny-llama", vocab_size=320, block_size=64)
+    torch.manual_seed(0)
+    return ckpt.save_checkpoint(root / "ckpt", GPT(config).state_dict(), config, tokenizer)
+
+
+@pytest.mark.parametrize("command", [("evaluate", "perplexity"), ("evaluate", "passkey")])
+def test_evaluate_with_no_length_that_can_run_exits_2_and_writes_nothing(command, tiny_checkpoint, tmp_path):
+    result = litattn(*command, "--checkpoint_dir", str(tiny_checkpoint), "--lengths", "[1000,2000]", cwd=tmp_path)
+    message = one_line_error(result)
+    assert message.startswith("no requested length could run, nothing written: length 1000: 1000 tokens exceed")
+    assert "--context 1000" in message and "(and 1 more length(s))" in message
+    assert not (tiny_checkpoint / "eval").exists() and list(tmp_path.iterdir()) == []
