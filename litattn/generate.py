@@ -108,7 +108,7 @@ def generate(
     if not streaming and T + max_new_tokens > context:
         raise ValueError(
             f"prompt has {T} tokens + {max_new_tokens} new exceeds the model's context of {context}; "
-            "shorten the prompt or lower max_new_tokens"
+            f"lower max_new_tokens or {TOO_LONG_WAYS}"
         )
     device = model.lm_head.weight.device
     prompt = prompt.to(device=device, dtype=torch.long)
@@ -118,7 +118,7 @@ def generate(
         if not 0 <= prefix_len <= T:
             raise ValueError(f"prefix_len must be between 0 and the prompt's {T} tokens, got {prefix_len}")
         if streaming:
-            raise ValueError("A prompt prefix (prefix_len) cannot be streamed: drop stream_window or prefix_len")
+            check_prefix_streamable(model)
         metadata["prefix_len"] = torch.tensor([prefix_len], device=device)
     tokens = [prompt]
     if streaming:
@@ -201,13 +201,30 @@ def _truncate_prompt(ids: list[int], budget: int, strategy: str, imp, model, hea
     return kept
 
 
+TOO_LONG_WAYS = (
+    "shorten the prompt, drop some of its tokens with --truncate (left, idf, attention, attention_live), "
+    "extend the context with --context (RoPE extrapolation, or Self-Extend via --attention) or stream it with "
+    "--stream_window"
+)
+"""The ways past a prompt too long for the model's context, which its error names."""
+
+
+def check_prefix_streamable(model) -> None:
+    """A prompt prefix (hybrid's `prefix_len`, from --instruction) is read whole: it cannot be streamed."""
+    if "prefix_len" in model.mechanism.metadata_keys:
+        raise ValueError(
+            f"A prompt prefix (prefix_len, which attention {model.config.attention['name']!r} reads from "
+            "--instruction) cannot be streamed: drop stream_window, or give the text as --prompt"
+        )
+
+
 def _fit_context(max_new_tokens: int, prompt_tokens: int, context: int) -> int:
     """max_new_tokens, lowered (with a note on stderr) to the room the prompt leaves in the model's context."""
     room = context - prompt_tokens
     if room < 1:
         raise ValueError(
             f"The prompt has {prompt_tokens} tokens, which leave no room in the model's context of {context} "
-            "for a new token; shorten the prompt"
+            f"for a new token; {TOO_LONG_WAYS}"
         )
     if max_new_tokens > room:
         print(
@@ -329,6 +346,8 @@ def main(
     if stream_window is not None:
         sink_size = DEFAULT_SINK_SIZE if sink_size is None else sink_size
         check_streamable(model, sink_size + stream_window)
+        if instruction is not None:
+            check_prefix_streamable(model)  # before the prompt is printed
     ids = tokenizer.encode(prompt, bos=getattr(tokenizer, "use_bos", False))  # as the checkpoint's tokenizer does
     if not ids:
         raise ValueError("The prompt is empty: generation needs at least one token to condition on")

@@ -254,3 +254,23 @@ def test_evaluate_with_no_length_that_can_run_exits_2_and_writes_nothing(command
     assert message.startswith("no requested length could run, nothing written: length 1000: 1000 tokens exceed")
     assert "--context 1000" in message and "(and 1 more length(s))" in message
     assert not (tiny_checkpoint / "eval").exists() and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- smaller points
+def test_hybrid_grad_iterations_beyond_iterations_is_refused():
+    with pytest.raises(ValueError, match=r"^hybrid: grad_iterations must be <= iterations \(2\).*got 3$"):
+        Config.from_name("tiny-llama", attention={"name": "hybrid", "iterations": 2, "grad_iterations": 3})
+    Config.from_name("tiny-llama", attention={"name": "hybrid", "iterations": 2, "grad_iterations": 2})
+
+
+def test_a_prompt_too_long_names_the_ways_past_it(tiny_checkpoint, tmp_path):
+    result = litattn("generate", "--checkpoint_dir", str(tiny_checkpoint), "--prompt", "word " * 200, cwd=tmp_path)
+    message = one_line_error(result)
+    assert "leave no room" in message and all(o in message for o in ("--truncate", "--context", "--stream_window"))
+
+
+def test_hybrid_instruction_with_stream_window_refuses_before_printing_the_prompt(tiny_checkpoint, tmp_path):
+    args = ("generate", "--checkpoint_dir", str(tiny_checkpoint), "--attention", "{name: hybrid, iterations: 1}")
+    result = litattn(*args, "--instruction", "Say hi", "--stream_window", "16", cwd=tmp_path)
+    assert "cannot be streamed" in one_line_error(result)
+    assert result.stdout == ""  # the prompt was printed before the refusal

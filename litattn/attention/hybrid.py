@@ -169,6 +169,11 @@ class HybridAttention(AttentionMechanism):
                 raise ValueError(f"hybrid: {name} must be >= 1, got {getattr(options, name)}")
         if options.grad_iterations is not None and options.grad_iterations < 1:
             raise ValueError(f"hybrid: grad_iterations must be >= 1 (or null: all), got {options.grad_iterations}")
+        if options.grad_iterations is not None and options.grad_iterations > options.iterations:
+            raise ValueError(
+                f"hybrid: grad_iterations must be <= iterations ({options.iterations}): gradients flow through at "
+                f"most every iteration, got {options.grad_iterations}"
+            )
         if options.refine_steps < 0:
             raise ValueError(
                 f"hybrid: refine_steps must be >= 0 (0: no gradient refinement), got {options.refine_steps}"
