@@ -254,7 +254,8 @@ def streaming_perplexity(
         data: Data module whose validation split is read; default: the Python standard library (StdlibCorpus).
         length: Tokens to predict; default: 16 x block_size, or what the validation split holds (with a note).
         stream_window: W, the recent tokens each method keeps; default: block_size - sink_size (the sink row then
-            has a cache of block_size slots).
+            has a cache of block_size slots). W counts the token being processed, StreamingLLM's `recent_size`
+            does not: their recent_size R is stream_window R + 1 here.
         sink_size: S, the attention-sink tokens of the sink_window row.
         stream_chunk: Tokens per forward of the streaming rows once the cache is full (1: token by token, exact
             StreamingLLM; c: each chunk evicts c tokens, its i-th token sees W - c + i + 1 recent ones).

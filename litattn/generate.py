@@ -306,7 +306,8 @@ def main(
         stream_window: Stream with a sink + recent-window KV cache (StreamingLLM) that keeps the first
             `sink_size` tokens and the latest `stream_window`, positions re-assigned inside it: prompt and
             output of any length in bounded memory (RoPE models; sink_size + stream_window at most the
-            model's context). None: ordinary generation within the model's context.
+            model's context). The window counts the token being processed, StreamingLLM's `recent_size` does
+            not: their recent_size R is stream_window R + 1 here. None: ordinary generation within the context.
         sink_size: Attention-sink tokens kept at the start of the cache when streaming (default 4; 0: window only).
         stream_chunk: Tokens per forward when prefilling a prompt longer than sink_size + stream_window, once
             the cache is full (each chunk evicts as many old tokens); default max(1, stream_window // 4);

@@ -274,3 +274,21 @@ def test_hybrid_instruction_with_stream_window_refuses_before_printing_the_promp
     result = litattn(*args, "--instruction", "Say hi", "--stream_window", "16", cwd=tmp_path)
     assert "cannot be streamed" in one_line_error(result)
     assert result.stdout == ""  # the prompt was printed before the refusal
+
+
+def test_the_readme_token_snippet_runs_as_written(tmp_path, monkeypatch):
+    readme = (REPO / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```python")[1:]]
+    (snippet,) = [b for b in blocks if "encode_sample(tokenizer" in b]
+    code = "\n".join(line.removeprefix("  ") for line in snippet.splitlines())
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # defines every name it uses
+    assert scope["decode_sample"](scope["tokenizer"], scope["ids"]) == "<|disrupt|>This is a sentence.<|set_0|>"
+
+
+def test_stream_window_is_documented_against_streamingllms_recent_size():
+    from litattn.generate import main
+
+    for text in ((REPO / "README.md").read_text(), main.__doc__):
+        assert "recent_size" in " ".join(text.split()) and "R + 1" in text
