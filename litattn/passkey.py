@@ -305,6 +305,8 @@ def format_table(rows: list[dict[str, Any]], depths: list[float]) -> str:
 
 def heatmap(result: dict[str, Any], out_file: Path) -> Path:
     """Draw the accuracy per (length, depth) as an annotated heatmap PNG (error rows grey), written atomically."""
+    import textwrap
+
     import matplotlib
     import numpy as np
     from matplotlib.figure import Figure
@@ -334,7 +336,9 @@ def heatmap(result: dict[str, Any], out_file: Path) -> Path:
             ax.text(j, i, f"{c['correct']}/{c['trials']}", ha="center", va="center", fontsize=8, color=color)
     fig.colorbar(image, ax=ax, label="accuracy")
     name = Path(result["checkpoint_dir"]).resolve().name
-    ax.set_title(_plain(f"passkey · {describe_spec(result['attention'])} · {name}"), fontsize=9)
+    title = _plain(f"passkey · {describe_spec(result['attention'])} · {name}")
+    width = max(12, int(fig.get_figwidth() * 11))  # characters of 9-point text per line in this figure's width
+    ax.set_title("\n".join(textwrap.wrap(title, width, break_long_words=True)), fontsize=9)
     out_file = Path(out_file)
     atomic_write(out_file, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return out_file

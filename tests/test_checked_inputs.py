@@ -292,3 +292,32 @@ def test_stream_window_is_documented_against_streamingllms_recent_size():
 
     for text in ((REPO / "README.md").read_text(), main.__doc__):
         assert "recent_size" in " ".join(text.split()) and "R + 1" in text
+
+
+def test_the_passkey_heatmap_title_fits_in_the_figure(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from litattn.passkey import heatmap
+
+    drawn = []
+    real_savefig = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        real_savefig(fig, *args, **kwargs)
+        drawn.append(fig)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    cell = {"correct": 1, "trials": 2, "accuracy": 0.5}
+    spec = {"name": "ssa", "base": {"name": "self_extend", "group_size": 8, "window": 128}, "beta_init": 1.5}
+    result = {"checkpoint_dir": str(tmp_path / "a-rather-long-checkpoint-directory-name"), "attention": spec,
+              "depths": [0.0, 0.5], "results": [{"length": 256, "cells": [cell, cell]}]}  # fmt: skip
+    heatmap(result, tmp_path / "passkey.png")
+    (fig,) = drawn
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    title = fig.axes[0].title.get_window_extent(renderer)
+    box = fig.bbox
+    assert box.x0 <= title.x0 and title.x1 <= box.x1 and title.y1 <= box.y1, (title, box)
