@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from litattn import checkpoint as ckpt
-from litattn.args import EvalArgs, LogArgs, LoRAArgs, OptimizerArgs, TrainArgs, check_run_args
+from litattn.args import EvalArgs, LogArgs, LoRAArgs, OptimizerArgs, TrainArgs, check_run_args, start_work
 from litattn.data import DataModule, PyDocQA
 from litattn.data.instructions import InstructionData, format_prompt
 from litattn.finetune.methods import Method, make_plan
@@ -84,7 +84,8 @@ def setup(
     """
     hyperparameters = hyperparameters_of(dict(locals()))
 
-    check_run_args(seed=seed, devices=devices, num_nodes=num_nodes, train=train)  # before any work
+    check_run_args(seed=seed, devices=devices, num_nodes=num_nodes, train=train)
+    start_work()  # the checks that need the checkpoint come after, in the command itself
     config = ckpt.load_config(checkpoint_dir, **(model or {}))
     if not any((Path(checkpoint_dir) / name).is_file() for name in ckpt.TOKENIZER_FILES):
         raise FileNotFoundError(

@@ -14,8 +14,10 @@ from collections.abc import Callable, Collection
 
 def attention_list() -> None:
     """List the registered attention mechanisms with a one-line description each."""
+    from litattn.args import start_work
     from litattn.attention import available_attention, describe, get_attention
 
+    start_work()
     width = max(len(n) for n in available_attention())
     for name in available_attention():
         print(f"{name:<{width}}  {describe(get_attention(name))}")
@@ -29,9 +31,14 @@ def model_list(attention: dict | None = None) -> None:
     """
     import torch
 
+    from litattn.args import start_work
+    from litattn.attention.registry import normalize_attention_spec
     from litattn.config import PRESETS, Config
     from litattn.model import GPT
 
+    if attention:
+        normalize_attention_spec(attention)
+    start_work()
     added = f" {'attention adds':>20}" if attention else ""
     print(f"{'preset':<16} {'params':>10} {'layers':>6} {'n_embd':>6} {'heads':>5} {'kv':>3} {'context':>7}{added}")
     for name in PRESETS:
@@ -157,6 +164,16 @@ def _parser_class(parameters: dict[str, bool], path: str):
         def parse_args(self, *args, **kwargs):
             return fold(super().parse_args(*args, **kwargs), f"{path}." if path else "")
 
+        def error(self, message: str, ex: Exception | None = None):
+            from litattn.args import checking
+
+            if checking() and self.exit_on_error:
+                raise _NotParsed(message)
+            if _UNION_DUMP in message:  # say what is wrong, not how each subtype of the Union failed
+                key = message.split(":", 1)[0] + ": " if message.startswith("Parser key") else ""
+                message = key + reason(ex if ex is not None else ValueError(message))
+            super().error(message, ex)
+
         def dump(self, cfg, *args, **kwargs):
             return super().dump(fold(cfg.clone()), *args, **kwargs)
 
@@ -187,9 +204,15 @@ def main(argv: list[str] | None = None) -> None:
     accepted = inspect.signature(function).parameters if function else {}
     parameters = {name: spec for name, spec in MERGED_PARAMETERS.items() if name in accepted}
     try:
-        argv = merged_argv(argv, parameters)
         parser_class = _parser_class(parameters, path)
-        CLI(tree, args=argv, as_positional=False, allow_abbrev=False, prog="litattn", parser_class=parser_class)
+
+        def run(args: list[str]) -> None:
+            args = merged_argv(args, parameters)
+            CLI(tree, args=args, as_positional=False, allow_abbrev=False, prog="litattn", parser_class=parser_class)
+
+        if function is not None and any(_is_print_config(token) for token in argv):
+            _check_before_printing(run, [token for token in argv if not _is_print_config(token)])
+        run(argv)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, without the flush error
         import os
 
@@ -197,11 +220,53 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except (ValueError, OSError, RuntimeError) as e:
         # Bad input (or a full disk, an unwritable path): one line that names the problem, exit 2, no traceback.
-        print(f"litattn: error: {e}", file=sys.stderr)
+        print(f"litattn: error: {reason(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C before a run installs its own handling (e.g. while tokenizing)
         print("litattn: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+_UNION_DUMP = "Does not validate against any of the Union subtypes"
+_NOT_NONE = "Expected a <class 'NoneType'>"
+
+
+def reason(e: BaseException) -> str:
+    """What an error says to the user: its message; for jsonargparse's dump of how each subtype of a Union failed
+    (`data: DataModule | None`, a dataclass option such as `set: SETPlacement | None`: 7-12 lines ending in a
+    Namespace), the one failure that matters, e.g. `set.pool must be in [1, 8], got 20`."""
+    if _UNION_DUMP not in str(e):
+        return str(e)
+    while _UNION_DUMP in str(e) and e.__cause__ is not None and not str(e.__cause__).startswith(_NOT_NONE):
+        e = e.__cause__  # jsonargparse raises the dump `from` the first subtype's error
+    text = str(e)
+    if _UNION_DUMP in text:  # no usable cause: the first listed error that is not a subtype mismatch
+        items = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+        text = next((i for i in items if not i.startswith((_UNION_DUMP, _NOT_NONE))), text)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _is_print_config(token: str) -> bool:
+    return token == "--print_config" or token.startswith("--print_config=")
+
+
+def _check_before_printing(run: Callable[[list[str]], object], argv: list[str]) -> None:
+    """`--print_config` prints only a config the command would run with: run the entry point without it, up to
+    where its checks end (`litattn.args.start_work`); a failed check is then the command's own one-line error.
+    A command line that does not parse (e.g. a required argument not given yet: a template is being printed)
+    is left to jsonargparse's printing, which reports what it must."""
+    from litattn.args import ChecksPassed, checks_only
+
+    try:
+        with checks_only():
+            run(argv)
+    except (ChecksPassed, _NotParsed):
+        return
+    raise RuntimeError("the command ran without checking its arguments first (litattn.args.start_work)")
+
+
+class _NotParsed(Exception):
+    """The command line did not parse while checking it before `--print_config`."""
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from litattn import ablate_evaluate
-from litattn.args import check_range, check_seed
+from litattn.args import check_range, check_seed, start_work
 from litattn.config import merge_overrides
 from litattn.utils import atomic_write_text, remove_stale_temps, version_number
 
@@ -99,6 +99,7 @@ def ablate(
     baseline = baseline or next(iter(variants))
     if baseline not in variants:
         raise ValueError(f"baseline {baseline!r} is not one of the variants {list(variants)}")
+    start_work()
     out_dir = Path(out_dir)
     recipe = _load_yaml(base)
     runs = [Run(v, s, out_dir / v / f"seed-{s}") for v in variants for s in seeds]

@@ -10,6 +10,8 @@ no limit), got 0`; `check_range` gives every such message, here and in the other
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -71,6 +73,37 @@ def check_seed(name: str, seed: Any) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"{name} must be an integer in [0, {MAX_SEED}], got {seed!r}")
     check_range(name, seed, ge=0, le=MAX_SEED)
+
+
+class ChecksPassed(BaseException):
+    """Raised by `start_work` when the CLI runs an entry point only for its checks (`--print_config`)."""
+
+
+_checks_only = contextvars.ContextVar("checks_only", default=False)
+
+
+def start_work() -> None:
+    """Where an entry point's checks of its arguments end and its work begins: every entry point calls it once
+    the checks that need no files have passed (ranges, combinations), before it reads a checkpoint, writes
+    anything or starts a device. `litattn <command> --print_config` runs the entry point up to here (see
+    `checks_only`), so a value out of range is the same one-line error, exit 2, it is when the command runs."""
+    if _checks_only.get():
+        raise ChecksPassed
+
+
+@contextlib.contextmanager
+def checks_only():
+    """Within it, an entry point stops at `start_work` by raising ChecksPassed: it has checked its arguments."""
+    token = _checks_only.set(True)
+    try:
+        yield
+    finally:
+        _checks_only.reset(token)
+
+
+def checking() -> bool:
+    """Whether entry points run only for their checks now (inside `checks_only`)."""
+    return _checks_only.get()
 
 
 def check_run_args(*, seed: Any = 0, devices: Any = 1, num_nodes: Any = 1, train: TrainArgs | None = None) -> None:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from litattn.args import start_work
 from litattn.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -730,6 +731,7 @@ def from_hf_main(checkpoint_dir: Path, out_dir: Path, dtype: str | None = None) 
     allowed = ("float32", "bfloat16", "float16", "float64")
     if dtype is not None and str(dtype).removeprefix("torch.") not in allowed:
         raise ValueError(f"dtype must be one of {', '.join(allowed)} (or null to keep the saved dtype), got {dtype!r}")
+    start_work()
     out = from_hf(checkpoint_dir, out_dir, dtype=dtype)
     print(f"Wrote litattn checkpoint {out}")
 
@@ -746,6 +748,7 @@ def to_hf_main(checkpoint_dir: Path, out_dir: Path, max_shard_size: str = "5GB")
     """
     if _parse_size(max_shard_size) < 1:  # _parse_size: ValueError for what is not a size at all
         raise ValueError(f"max_shard_size must be at least 1 byte, e.g. '5GB' or '500MiB', got {max_shard_size!r}")
+    start_work()
     out = to_hf(checkpoint_dir, out_dir, max_shard_size=max_shard_size)
     print(f"Wrote Hugging Face checkpoint {out}")
 

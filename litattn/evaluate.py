@@ -47,7 +47,8 @@ def perplexity(
         max_batches: Evaluate at most this many micro-batches per length (None: the whole validation split).
         attention: Evaluate with another attention spec than the checkpoint's, e.g. `{name: causal, kernel: sdpa}`;
             keys without a `name` update the saved spec's options.
-        out_file: Where to write the results as JSON; default: `<checkpoint_dir>/eval/perplexity.json`.
+        out_file: Where to write the results as JSON; default: a new file each run,
+            `<checkpoint_dir>/eval/perplexity-<attention>-<UTC time>.json` (a previous result is never overwritten).
         cache_dir: Where tokenized data is cached.
         precision: Fabric precision: 32-true, bf16-mixed, bf16-true, ... (the run's, to reproduce its val_loss).
         context: Accept lengths up to this many tokens, beyond what the attention handles at block_size (RoPE
@@ -59,7 +60,7 @@ def perplexity(
     """
     from lightning_fabric import Fabric
 
-    from litattn.args import check_range
+    from litattn.args import check_range, start_work
     from litattn.checkpoint import load_with_tokenizer
     from litattn.loop import validation_loss
 
@@ -72,6 +73,7 @@ def perplexity(
             raise ValueError("lengths must be a non-empty list of token counts >= 1 (or null for block_size), got []")
         for n in lengths:
             check_range(f"lengths (each of {list(lengths)})", n, ge=1)
+    start_work()
 
     fabric = Fabric(accelerator="auto", devices=1, precision=precision)
     fabric.launch()
@@ -80,6 +82,8 @@ def perplexity(
     )
     max_len = model.max_seq_length
     lengths = [int(n) for n in lengths] if lengths else [config.block_size]
+    if all(n > max_len for n in lengths):  # refused before the data is read
+        require_some_run([{"length": n, "error": too_long(n, max_len, config)} for n in lengths])
 
     data = StdlibCorpus() if data is None else data
     shortest = min((n for n in lengths if n <= max_len), default=1)
@@ -117,7 +121,8 @@ def perplexity(
         "results": rows,
     }
     print(format_table(rows))
-    out_file = checkpoint_dir / "eval" / "perplexity.json" if out_file is None else Path(out_file)
+    require_some_run(rows)
+    out_file = new_result_file(checkpoint_dir / "eval", config.attention) if out_file is None else Path(out_file)
     atomic_write_text(out_file, json.dumps(result, indent=2) + "\n")
     print(f"Saved {out_file}")
     return result
@@ -131,6 +136,32 @@ def _describe_run(checkpoint_dir: Path, config, data: DataModule, precision: str
         "data": data.describe(),
         "precision": precision,
     }
+
+
+def require_some_run(rows: list[dict[str, Any]]) -> None:
+    """ValueError (nothing is written) when no requested length could run; a note on stderr when some could not."""
+    import sys
+
+    failed = [r for r in rows if "error" in r]
+    if failed and len(failed) == len(rows):
+        more = f" (and {len(failed) - 1} more length(s))" if len(failed) > 1 else ""
+        raise ValueError(f"no requested length could run, nothing written: length {failed[0]['length']}: "
+                         f"{failed[0]['error']}{more}")  # fmt: skip
+    if failed:
+        lengths = ", ".join(str(r["length"]) for r in failed)
+        print(f"note: length(s) {lengths} could not run (see their rows); the others are saved", file=sys.stderr)
+
+
+def new_result_file(folder: Path, attention: dict[str, Any]) -> Path:
+    """`folder/perplexity-<attention name>-<UTC time>.json`, a name no earlier result has."""
+    import time
+
+    stem = f"perplexity-{attention['name']}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    path, n = folder / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.json"
+    return path
 
 
 def too_long(length: int, max_len: int, config) -> str:
@@ -223,7 +254,8 @@ def streaming_perplexity(
         data: Data module whose validation split is read; default: the Python standard library (StdlibCorpus).
         length: Tokens to predict; default: 16 x block_size, or what the validation split holds (with a note).
         stream_window: W, the recent tokens each method keeps; default: block_size - sink_size (the sink row then
-            has a cache of block_size slots).
+            has a cache of block_size slots). W counts the token being processed, StreamingLLM's `recent_size`
+            does not: their recent_size R is stream_window R + 1 here.
         sink_size: S, the attention-sink tokens of the sink_window row.
         stream_chunk: Tokens per forward of the streaming rows once the cache is full (1: token by token, exact
             StreamingLLM; c: each chunk evicts c tokens, its i-th token sees W - c + i + 1 recent ones).
@@ -250,7 +282,7 @@ def streaming_perplexity(
     import numpy as np
     from lightning_fabric import Fabric
 
-    from litattn.args import check_range
+    from litattn.args import check_range, start_work
     from litattn.checkpoint import load_with_tokenizer
     from litattn.streaming import check_streamable
 
@@ -269,6 +301,7 @@ def streaming_perplexity(
     unknown = [m for m in methods if m not in STREAMING_METHODS]
     if not methods or unknown or len(set(methods)) < len(methods):
         raise ValueError(f"methods must be distinct names of {list(STREAMING_METHODS)}, got {methods}")
+    start_work()
 
     fabric = Fabric(accelerator="auto", devices=1, precision=precision)
     fabric.launch()

@@ -108,7 +108,7 @@ def generate(
     if not streaming and T + max_new_tokens > context:
         raise ValueError(
             f"prompt has {T} tokens + {max_new_tokens} new exceeds the model's context of {context}; "
-            "shorten the prompt or lower max_new_tokens"
+            f"lower max_new_tokens or {TOO_LONG_WAYS}"
         )
     device = model.lm_head.weight.device
     prompt = prompt.to(device=device, dtype=torch.long)
@@ -118,7 +118,7 @@ def generate(
         if not 0 <= prefix_len <= T:
             raise ValueError(f"prefix_len must be between 0 and the prompt's {T} tokens, got {prefix_len}")
         if streaming:
-            raise ValueError("A prompt prefix (prefix_len) cannot be streamed: drop stream_window or prefix_len")
+            check_prefix_streamable(model)
         metadata["prefix_len"] = torch.tensor([prefix_len], device=device)
     tokens = [prompt]
     if streaming:
@@ -207,13 +207,30 @@ def _truncate_prompt(ids: list[int], budget: int, strategy: str, imp, model, hea
     return kept
 
 
+TOO_LONG_WAYS = (
+    "shorten the prompt, drop some of its tokens with --truncate (left, idf, attention, attention_live), "
+    "extend the context with --context (RoPE extrapolation, or Self-Extend via --attention) or stream it with "
+    "--stream_window"
+)
+"""The ways past a prompt too long for the model's context, which its error names."""
+
+
+def check_prefix_streamable(model) -> None:
+    """A prompt prefix (hybrid's `prefix_len`, from --instruction) is read whole: it cannot be streamed."""
+    if "prefix_len" in model.mechanism.metadata_keys:
+        raise ValueError(
+            f"A prompt prefix (prefix_len, which attention {model.config.attention['name']!r} reads from "
+            "--instruction) cannot be streamed: drop stream_window, or give the text as --prompt"
+        )
+
+
 def _fit_context(max_new_tokens: int, prompt_tokens: int, context: int) -> int:
     """max_new_tokens, lowered (with a note on stderr) to the room the prompt leaves in the model's context."""
     room = context - prompt_tokens
     if room < 1:
         raise ValueError(
             f"The prompt has {prompt_tokens} tokens, which leave no room in the model's context of {context} "
-            "for a new token; shorten the prompt"
+            f"for a new token; {TOO_LONG_WAYS}"
         )
     if max_new_tokens > room:
         print(
@@ -295,7 +312,8 @@ def main(
         stream_window: Stream with a sink + recent-window KV cache (StreamingLLM) that keeps the first
             `sink_size` tokens and the latest `stream_window`, positions re-assigned inside it: prompt and
             output of any length in bounded memory (RoPE models; sink_size + stream_window at most the
-            model's context). None: ordinary generation within the model's context.
+            model's context). The window counts the token being processed, StreamingLLM's `recent_size` does
+            not: their recent_size R is stream_window R + 1 here. None: ordinary generation within the context.
         sink_size: Attention-sink tokens kept at the start of the cache when streaming (default 4; 0: window only).
         stream_chunk: Tokens per forward when prefilling a prompt longer than sink_size + stream_window, once
             the cache is full (each chunk evicts as many old tokens); default max(1, stream_window // 4);
@@ -313,7 +331,7 @@ def main(
     Returns:
         The generated text (without the prompt).
     """
-    from litattn.args import check_range, check_seed
+    from litattn.args import check_range, check_seed, start_work
     from litattn.checkpoint import load_with_tokenizer
     from litattn.data.instructions import format_prompt
     from litattn.streaming import DEFAULT_SINK_SIZE, check_streamable, check_streaming_args
@@ -325,7 +343,10 @@ def main(
     check_streaming_args(stream_window, sink_size, stream_chunk)
     check_range("prompt_budget", prompt_budget, ge=1, null="the context minus max_new_tokens")
     check_range("protect_last", protect_last, ge=0)
-    scores_of = _prompt_scorer(truncate, importance, prompt_budget, checkpoint_dir)
+    start_work()
+    scores_of = _prompt_scorer(
+        truncate, importance, prompt_budget, checkpoint_dir
+    )  # a bad dictionary fails before the model loads
     if instruction is not None:
         prompt = format_prompt(instruction)
     model, tokenizer, _ = load_with_tokenizer(checkpoint_dir, attention=attention, context=context)
@@ -334,6 +355,8 @@ def main(
     if stream_window is not None:
         sink_size = DEFAULT_SINK_SIZE if sink_size is None else sink_size
         check_streamable(model, sink_size + stream_window)
+        if instruction is not None:
+            check_prefix_streamable(model)  # before the prompt is printed
     ids = tokenizer.encode(prompt, bos=getattr(tokenizer, "use_bos", False))  # as the checkpoint's tokenizer does
     if not ids:
         raise ValueError("The prompt is empty: generation needs at least one token to condition on")

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs
+from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs, start_work
 from litattn.config import Config
 from litattn.cpu import describe_machine, format_flops, warn_if_slow_bf16
 from litattn.data import DataModule
@@ -132,7 +132,9 @@ def launch_and_fit(
 ) -> None:
     """What the training entry points (pretrain, finetune) share once they have a plan and data: launch
     Fabric, run `fit`, exit with its code when it is not 0."""
+    check_sequence_length(plan, train)
     run_tokenizer(tokenizer_dir, plan.initial_checkpoint_dir)  # an unreadable or swapped one fails before any work
+    start_work()
     fabric = launch_fabric(out_dir, log, precision, accelerator, devices, num_nodes, strategy, seed)
     run = RunSpec(
         out_dir=out_dir,
@@ -153,6 +155,13 @@ def launch_and_fit(
         sys.exit(code)
 
 
+def check_sequence_length(plan: TrainingPlan, train: TrainArgs) -> None:
+    if (train.max_seq_length or plan.config.block_size) > plan.config.block_size:
+        raise ValueError(
+            f"train.max_seq_length={train.max_seq_length} exceeds the model's block_size={plan.config.block_size}"
+        )
+
+
 def fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec) -> int:
     """Run the training loop; returns the process exit code (0 done, or stopped by a signal and saved;
     1 diverged; 128 + signal when stopped before the first optimizer step, with nothing to save).
@@ -160,10 +169,7 @@ def fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec) -> int:
     `plan` says what trains and what checkpoints hold (litattn/plan.py): pretraining trains everything,
     the finetuning methods a part, LoRA saves merged weights. The run first claims out_dir
     (litattn/run_dir.py: one run per directory), then resumes from there or starts afresh."""
-    if (run.train.max_seq_length or plan.config.block_size) > plan.config.block_size:
-        raise ValueError(
-            f"train.max_seq_length={run.train.max_seq_length} exceeds the model's block_size={plan.config.block_size}"
-        )
+    check_sequence_length(plan, run.train)
     claim = _claim_out_dir(fabric, run.out_dir, run.resume, run.overwrite)
     try:
         return _fit(fabric, plan, data, run, claim.resume_dir)

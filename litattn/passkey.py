@@ -169,9 +169,9 @@ def passkey(
     import torch
     from tqdm import tqdm
 
-    from litattn.args import check_range, check_seed
+    from litattn.args import check_range, check_seed, start_work
     from litattn.checkpoint import load_with_tokenizer
-    from litattn.evaluate import too_long
+    from litattn.evaluate import require_some_run, too_long
     from litattn.tokenizer import Tokenizer
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -189,6 +189,7 @@ def passkey(
     depths = [float(d) for d in (DEFAULT_DEPTHS if depths is None else depths)]
     for d in depths:
         check_range(f"depths (each of {depths})", d, ge=0, le=1)
+    start_work()
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:  # RuntimeError: the CLI reports it in one line
@@ -265,6 +266,7 @@ def passkey(
         "results": rows,
     }
     print(format_table(rows, depths))
+    require_some_run(rows)
     out_dir = checkpoint_dir / "eval" if out_dir is None else Path(out_dir)
     from litattn.utils import atomic_write_text
 
@@ -303,6 +305,8 @@ def format_table(rows: list[dict[str, Any]], depths: list[float]) -> str:
 
 def heatmap(result: dict[str, Any], out_file: Path) -> Path:
     """Draw the accuracy per (length, depth) as an annotated heatmap PNG (error rows grey), written atomically."""
+    import textwrap
+
     import matplotlib
     import numpy as np
     from matplotlib.figure import Figure
@@ -332,7 +336,9 @@ def heatmap(result: dict[str, Any], out_file: Path) -> Path:
             ax.text(j, i, f"{c['correct']}/{c['trials']}", ha="center", va="center", fontsize=8, color=color)
     fig.colorbar(image, ax=ax, label="accuracy")
     name = Path(result["checkpoint_dir"]).resolve().name
-    ax.set_title(_plain(f"passkey · {describe_spec(result['attention'])} · {name}"), fontsize=9)
+    title = _plain(f"passkey · {describe_spec(result['attention'])} · {name}")
+    width = max(12, int(fig.get_figwidth() * 11))  # characters of 9-point text per line in this figure's width
+    ax.set_title("\n".join(textwrap.wrap(title, width, break_long_words=True)), fontsize=9)
     out_file = Path(out_file)
     atomic_write(out_file, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return out_file

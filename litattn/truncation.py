@@ -1004,7 +1004,7 @@ def build(
     Returns:
         The dictionary written to `out`.
     """
-    from litattn.args import check_range
+    from litattn.args import check_range, start_work
     from litattn.checkpoint import load_config
     from litattn.data import StdlibCorpus
     from litattn.tokenizer import Tokenizer
@@ -1018,6 +1018,7 @@ def build(
     check_range("micro_batch_size", micro_batch_size, ge=1)
     check_range("max_batches", max_batches, ge=1, null="the whole split")
     check_range("checkpoint_every", checkpoint_every, ge=1)
+    start_work()
     data = StdlibCorpus() if data is None else data
     # what a resumed build must match (repr, not describe(): that says whether the token cache was reused)
     info = {"method": method, "checkpoint_dir": str(checkpoint_dir), "data": repr(data), "split": split}
@@ -1102,7 +1103,7 @@ def apply(
         The report: examples, truncated, unfit (left as they were: the other fields alone are too long),
         tokens_before, tokens_after, tokens_removed and mean_fraction_removed (over the truncated examples).
     """
-    from litattn.args import check_range
+    from litattn.args import check_range, start_work
     from litattn.data.instructions import parse_example, read_records
     from litattn.tokenizer import Tokenizer
     from litattn.utils import atomic_write_text
@@ -1112,6 +1113,7 @@ def apply(
     fields = ["input"] if fields is None else list(fields)
     if not fields or any(f not in FIELDS for f in fields) or len(set(fields)) < len(fields):
         raise ValueError(f"fields must be distinct names of {list(FIELDS)}, got {fields}")
+    start_work()
     input, output = Path(input), Path(output)
     located, is_list = read_records(input)
     examples = [parse_example(input, where, record) for where, record in located]  # checks every record

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from litattn.args import start_work
 from litattn.checkpoint import load_with_tokenizer
 from litattn.utils import atomic_write
 
@@ -52,6 +53,7 @@ def attention(
         The path of the PNG file.
     """
     _require_matplotlib()
+    start_work()
     checkpoint_dir = Path(checkpoint_dir)
     model, tokenizer, config = load_with_tokenizer(checkpoint_dir, attention=attention_spec)
     _indexes(layers, model.block_applications(), "layer")  # out of range: an error now, before any map is computed

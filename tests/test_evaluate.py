@@ -98,8 +98,14 @@ def test_final_checkpoint_reproduces_the_val_loss_the_run_logged(run, capsys):
     assert row["windows"] == (len(tokens) - 1) // SEQ_LEN and row["tokens"] == row["windows"] * SEQ_LEN
     model, _, _ = ckpt.load(final)  # and the number itself, one window at a time over the whole split
     assert row["loss"] == pytest.approx(naive_loss(model, tokens, SEQ_LEN, row["windows"]), abs=1e-5)
-    assert "Reusing token files" in capsys.readouterr().out  # the checkpoint's tokenizer = the run's: same cache
-    saved = json.loads((final / "eval" / "perplexity.json").read_text())
+    printed = capsys.readouterr().out
+    assert "Reusing token files" in printed  # the checkpoint's tokenizer = the run's: same cache
+    (path,) = (final / "eval").glob("perplexity-causal-*.json")  # a new file per run, named where it is
+    assert f"Saved {path}" in printed
+    again = perplexity(final, data=_data(run), max_batches=1, cache_dir=run / "cache")
+    assert len(list((final / "eval").glob("perplexity-causal-*.json"))) == 2  # the first is kept
+    assert json.loads(path.read_text())["max_batches"] is None and again["max_batches"] == 1
+    saved = json.loads(path.read_text())
     assert saved == json.loads(json.dumps(result))
     assert saved["attention"]["name"] == "causal"
 
@@ -125,8 +131,9 @@ def test_several_lengths_match_a_naive_loop_and_too_long_is_an_error_row(run, tm
 
     for length in (SEQ_LEN + 1, 10**6):
         assert "exceed" in rows[length]["error"] and "loss" not in rows[length]
-    printed = capsys.readouterr().out
-    assert "error:" in printed and "perplexity" in printed
+    printed = capsys.readouterr()
+    assert "error:" in printed.out and "perplexity" in printed.out
+    assert f"note: length(s) {SEQ_LEN + 1}, {10**6} could not run (see their rows); the others are saved" in printed.err
     assert json.loads(out_file.read_text())["results"] == json.loads(json.dumps(result["results"]))
 
 
@@ -176,8 +183,8 @@ def test_context_runs_causal_beyond_block_size_as_rope_extrapolation(run):
     x = torch.tensor(tokens[: 2 * SEQ_LEN].astype(np.int64))[None]
     with torch.no_grad():
         assert torch.allclose(model(x)[:, :SEQ_LEN], model(x[:, :SEQ_LEN]), atol=1e-5)
-    without = perplexity(final, data=_data(run), lengths=[2 * SEQ_LEN], max_batches=1, cache_dir=run / "cache")
-    assert "--context" in without["results"][0]["error"]
+    with pytest.raises(ValueError, match="no requested length could run, nothing written: .*--context"):
+        perplexity(final, data=_data(run), lengths=[2 * SEQ_LEN], max_batches=1, cache_dir=run / "cache")
 
 
 def test_learned_positions_cannot_extrapolate():

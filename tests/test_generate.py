@@ -80,9 +80,10 @@ def test_too_long_prompt_is_a_clear_error():
     model = _model("tiny-llama")  # block_size 128
     with pytest.raises(ValueError) as e:
         generate(model, _prompt(100), 30)
-    assert str(e.value) == (
-        "prompt has 100 tokens + 30 new exceeds the model's context of 128; shorten the prompt or lower max_new_tokens"
+    assert str(e.value).startswith(
+        "prompt has 100 tokens + 30 new exceeds the model's context of 128; lower max_new_tokens or shorten the prompt"
     )
+    assert all(option in str(e.value) for option in ("--truncate", "--context", "--stream_window"))
     assert len(generate(model, _prompt(100), 28, temperature=0.0)) == 128  # exactly the context fits
 
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from litattn import __main__ as cli
+from litattn.args import start_work
 from litattn.attention import AttentionMechanism, AttentionOptions, register_attention
 from litattn.attention.registry import merge_attention_specs
 from litattn.config import Config, merge_overrides, resolve_model_config
@@ -60,6 +61,7 @@ def seen(monkeypatch):
         @functools.wraps(fn)
         def run(**kwargs):
             seen.update(kwargs)
+            start_work()  # where the entry point's checks end: --print_config prints from here
 
         return run
 
@@ -113,8 +115,10 @@ def test_two_dotted_overrides_of_one_mapping(ssa_yaml, seen, capsys):
 
 def test_a_misspelt_option_among_two_dotted_flags_is_named(ssa_yaml, capsys):
     argv = ["pretrain", "--config", ssa_yaml, "--model.attention.name", "ssa", "--model.attention.beta_int", "2"]
-    code, out, err = run([*argv, "--print_config"], capsys)
+    code, out, err = run([*argv[:-2], "--print_config"], capsys)
     assert code == 0 and yaml.safe_load(out)["model"]["attention"]["name"] == "ssa"  # `name` is not lost
+    code, out, err = run([*argv, "--print_config"], capsys)  # checked before printing (issue 20, item 16)
+    assert code == 2 and out == "" and "beta_int" in err
     proc = subprocess.run([sys.executable, "-m", "litattn", *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]

@@ -99,6 +99,28 @@ class AttentionOptions:
     """auto | sdpa | flex: the kernel for masked attention (see litattn.attention.kernels)."""
 
 
+def integer_metadata(
+    owner: str, name: str, given: Any, shape: tuple[int, ...], meaning: str, device=None
+) -> torch.Tensor:
+    """Batch metadata `name` as a long tensor of exactly `shape` (a tensor, array or nested list of integers),
+    else a one-line ValueError that names the expected and the given shape and type. Nothing is broadcast or
+    cut: a (B, 8) array for 16 tokens is an error, not 8 segments padded with attention that silently differs."""
+    expected = f"{name} must be integers of shape {tuple(shape)}, {meaning}"
+    try:
+        value = torch.as_tensor(given, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{owner}: {expected}, got {type(given).__name__} {_brief(given)}") from None
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex() or tuple(value.shape) != shape:
+        dtype = str(value.dtype).removeprefix("torch.")
+        raise ValueError(f"{owner}: {expected}, got {dtype} of shape {tuple(value.shape)}")
+    return value.long()
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE (rotate-half / GPT-NeoX layout) on the first cos.shape[-1] dims of x (..., T, hs)."""
     n = cos.shape[-1]

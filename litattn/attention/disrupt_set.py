@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from litattn.attention import masks
-from litattn.attention.base import AttentionContext, AttentionMechanism, AttentionOptions
+from litattn.attention.base import AttentionContext, AttentionMechanism, AttentionOptions, integer_metadata
 from litattn.attention.registry import register_attention
 from litattn.tokenizer import SPECIAL_TOKENS
 
@@ -73,6 +73,10 @@ class DisruptSET(AttentionMechanism):
         """Segment ids from the token ids unless the batch gives them; when decoding, counting on from the
         segment of the cached token before the first new one."""
         if "segment_ids" in ctx.metadata:
+            given, shape = ctx.metadata["segment_ids"], tuple(ctx.idx.shape)
+            ctx.metadata["segment_ids"] = integer_metadata(
+                "disrupt_set", "segment_ids", given, shape, "one per token of the batch", ctx.idx.device
+            )
             return
         segments = (ctx.idx == self.disrupt_id).long().cumsum(dim=1)  # (B, T)
         if ctx.input_pos is not None and self.kv_cache is not None:

@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from litattn.attention import masks
-from litattn.attention.base import AttentionContext, AttentionMechanism, AttentionOptions
+from litattn.attention.base import AttentionContext, AttentionMechanism, AttentionOptions, integer_metadata
 from litattn.attention.kernels import attend
 from litattn.attention.registry import register_attention
 from litattn.hooks import HookContext, TrainingHook
@@ -171,6 +171,11 @@ class HybridAttention(AttentionMechanism):
                 raise ValueError(f"hybrid: {name} must be >= 1, got {getattr(options, name)}")
         if options.grad_iterations is not None and options.grad_iterations < 1:
             raise ValueError(f"hybrid: grad_iterations must be >= 1 (or null: all), got {options.grad_iterations}")
+        if options.grad_iterations is not None and options.grad_iterations > options.iterations:
+            raise ValueError(
+                f"hybrid: grad_iterations must be <= iterations ({options.iterations}): gradients flow through at "
+                f"most every iteration, got {options.grad_iterations}"
+            )
         if options.refine_steps < 0:
             raise ValueError(
                 f"hybrid: refine_steps must be >= 0 (0: no gradient refinement), got {options.refine_steps}"
@@ -211,13 +216,7 @@ class HybridAttention(AttentionMechanism):
             else:  # decoding: the prefix, if any, is in the cache already
                 ctx.metadata["prefix_len"] = torch.zeros(B, dtype=torch.long, device=ctx.idx.device)
             return
-        prefix_len = torch.as_tensor(given, device=ctx.idx.device)
-        if prefix_len.shape != (B,) or prefix_len.is_floating_point():
-            raise ValueError(
-                f"hybrid: prefix_len must be integers of shape ({B},), one per row, got {prefix_len.dtype} of "
-                f"shape {tuple(prefix_len.shape)}"
-            )
-        prefix_len = prefix_len.long()
+        prefix_len = integer_metadata("hybrid", "prefix_len", given, (B,), "one per row", ctx.idx.device)
         low, high = (int(v) for v in torch.stack([prefix_len.min(), prefix_len.max()])) if B else (0, 0)
         if low < 0:
             raise ValueError(f"hybrid: prefix_len must be >= 0, got {low}")

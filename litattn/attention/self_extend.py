@@ -37,7 +37,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from litattn.attention.base import AttentionContext, AttentionMechanism, AttentionOptions, rotate_half_rope
+from litattn.attention.base import (
+    AttentionContext,
+    AttentionMechanism,
+    AttentionOptions,
+    integer_metadata,
+    rotate_half_rope,
+)
 from litattn.attention.kernels import attend_parts_cpu
 from litattn.attention.registry import register_attention
 
@@ -281,8 +287,11 @@ def self_extend_attention(
     rope_base: float = 10000.0,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Self-Extend on pre-RoPE tensors q (B, H, T, D), k and v (B, H_kv, T, D) (H_kv divides H), positions
-    0..T-1, rotate-half RoPE over the full head dimension with `rope_base`. Returns (B, H, T, D)."""
+    """Self-Extend on pre-RoPE tensors q (B, H, T, D), k and v (B, H_kv, T, D) (H_kv divides H, D even), positions
+    0..T-1, rotate-half RoPE over the full head dimension with `rope_base`. Returns (B, H, T, D).
+    Arguments that do not fit are one-line ValueErrors."""
+    group_size, window = _checked_options("self_extend_attention", group_size, window)
+    _check_heads("self_extend_attention", q, k, v)
     D = q.shape[-1]
     inv_freq = 1.0 / (rope_base ** (torch.arange(0, D, 2, dtype=torch.float32, device=q.device) / D))
 
@@ -301,9 +310,15 @@ class SelfExtendAttention(nn.Module):
 
     def __init__(self, dim: int, n_head: int, group_size: int, window: int, rope_base: float = 10000.0) -> None:
         super().__init__()
-        if dim % n_head:
-            raise ValueError(f"dim={dim} must be a multiple of n_head={n_head}")
-        self.n_head, self.group_size, self.window = n_head, group_size, window
+        group_size, window = _checked_options("SelfExtendAttention", group_size, window)
+        for name, value in (("dim", dim), ("n_head", n_head)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SelfExtendAttention: {name} must be an integer >= 1, got {value!r}")
+        if dim % n_head or (dim // n_head) % 2:
+            raise ValueError(
+                f"SelfExtendAttention: dim={dim} must be n_head={n_head} x an even head size (RoPE rotates pairs)"
+            )
+        self.dim, self.n_head, self.group_size, self.window = dim, n_head, group_size, window
         head = dim // n_head
         self.register_buffer(
             "inv_freq", 1.0 / (rope_base ** (torch.arange(0, head, 2, dtype=torch.float32) / head)), persistent=False
@@ -315,7 +330,39 @@ class SelfExtendAttention(nn.Module):
         return emb.cos(), emb.sin()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        shapes = [tuple(x.shape) for x in (q, k, v)]
+        if len(shapes[0]) != 3 or shapes[0][-1] != self.dim or len(set(shapes)) > 1:
+            shapes = ", ".join(map(str, shapes))
+            raise ValueError(f"SelfExtendAttention: q, k and v must be (B, T, {self.dim}) alike, got shapes {shapes}")
         B, T, dim = q.shape
+        pos = integer_metadata("SelfExtendAttention", "pos", pos, (T,), "one position per token", q.device)
+        if T > 1 and bool((pos[1:] < pos[:-1]).any()):
+            raise ValueError("SelfExtendAttention: pos must be non-decreasing (tokens in position order)")
         heads = [x.view(B, T, self.n_head, -1).transpose(1, 2) for x in (q, k, v)]
         y = grouped_neighbour_attention(*heads, pos, pos, self.rope, self.group_size, self.window)
         return y.transpose(1, 2).reshape(B, T, dim)
+
+
+def _checked_options(owner: str, group_size: int, window: int) -> tuple[int, int]:
+    """group_size and window checked as the registry checks them in a model config (integers >= 1)."""
+    from litattn.attention.registry import parse_options
+
+    try:
+        options = parse_options(SelfExtend, {"group_size": group_size, "window": window})
+    except ValueError as e:
+        raise ValueError(f"{owner}: {e}") from None
+    return options.group_size, options.window
+
+
+def _check_heads(owner: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q (B, H, T, D), k and v (B, H_kv, T, D) with H_kv dividing H and D even, else a one-line ValueError."""
+    shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))
+    if any(x.dim() != 4 for x in (q, k, v)) or k.shape != v.shape:
+        raise ValueError(f"{owner}: q must be (B, H, T, D) and k, v (B, H_kv, T, D) alike, got shapes {shapes}")
+    (B, H, T, D), (Bk, Hkv, S, Dk) = q.shape, k.shape
+    if (B, T, D) != (Bk, S, Dk):
+        raise ValueError(f"{owner}: q, k and v must agree in batch, length and head size, got shapes {shapes}")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"{owner}: the {Hkv} key/value heads must divide the {H} query heads, got shapes {shapes}")
+    if D % 2:
+        raise ValueError(f"{owner}: the head size must be even (RoPE rotates pairs of dimensions), got {D}")
