@@ -344,9 +344,8 @@ def main(
     check_range("prompt_budget", prompt_budget, ge=1, null="the context minus max_new_tokens")
     check_range("protect_last", protect_last, ge=0)
     start_work()
-    scores_of = _prompt_scorer(
-        truncate, importance, prompt_budget, checkpoint_dir
-    )  # a bad dictionary fails before the model loads
+    # a bad dictionary fails before the model loads
+    scores_of = _prompt_scorer(truncate, importance, prompt_budget, checkpoint_dir)
     if instruction is not None:
         prompt = format_prompt(instruction)
     model, tokenizer, _ = load_with_tokenizer(checkpoint_dir, attention=attention, context=context)
