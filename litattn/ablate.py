@@ -31,12 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from litattn import ablate_evaluate
 from litattn.args import check_range, check_seed, start_work
-from litattn.config import merge_overrides
-from litattn.utils import atomic_write_text, remove_stale_temps, version_number
+from litattn.checkpoint import latest_checkpoint
+from litattn.cli import parse_config
+from litattn.config import merge_overrides, resolve_model_config
+from litattn.utils import atomic_write, atomic_write_text, remove_stale_temps, version_number
 
 
 @dataclass
@@ -169,50 +172,11 @@ def _run_config(recipe: dict, overrides: dict | None, variant: dict | None, budg
 def _validate(entry_point: str, config: dict, variant: str) -> None:
     """Parse a run's config against the entry point's signature, and build its model config."""
     try:
-        printed = parse_config([entry_point], config)
-    except ValueError as e:
-        raise ValueError(f"Variant {variant!r} is not a valid {entry_point} recipe: {e}") from None
-    try:  # --print_config does not range-check: build the argument groups from what it printed
-        _check_values(yaml.safe_load(printed) or {})
+        parse_config([entry_point], config)  # parsed and range-checked as the command would
     except ValueError as e:
         raise ValueError(f"Variant {variant!r} is not a valid {entry_point} recipe: {e}") from None
     if entry_point == "pretrain":
-        from litattn.config import resolve_model_config
-
         resolve_model_config(config.get("model_name", "quickstart"), config.get("model"))
-
-
-def parse_config(command: list[str], config: dict) -> str:
-    """The config as `litattn <command> --config ... --print_config` prints it: parsed against the subcommand's
-    signature without running it. ValueError with the parser's last line when it does not parse."""
-    import contextlib
-    import io
-    import tempfile
-
-    from litattn.__main__ import main
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(config, f)
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main([*command, "--config", f.name, "--print_config"])
-    except SystemExit as e:
-        if e.code:
-            raise ValueError((err.getvalue().strip().splitlines() or ["(no message)"])[-1]) from None
-    finally:
-        os.unlink(f.name)
-    return out.getvalue()
-
-
-def _check_values(config: dict[str, Any]) -> None:
-    """The range checks the entry point runs before any work (litattn/args.py), on a printed config."""
-    from litattn.args import EvalArgs, LogArgs, LoRAArgs, OptimizerArgs, TrainArgs, check_run_args
-
-    groups = {"train": TrainArgs, "eval": EvalArgs, "optimizer": OptimizerArgs, "log": LogArgs, "lora": LoRAArgs}
-    built = {key: cls(**config[key]) for key, cls in groups.items() if isinstance(config.get(key), dict)}
-    scalars = {key: config[key] for key in ("seed", "devices", "num_nodes") if key in config}
-    check_run_args(**scalars, train=built.get("train"))
 
 
 def _execute(todo: list[Run], entry_point: str, parallel: int) -> None:
@@ -269,14 +233,10 @@ def _launch(todo: list[Run], entry_point: str, parallel: int, active: list) -> N
 
 
 def _cuda_count() -> int:
-    import torch
-
     return torch.cuda.device_count()
 
 
 def _has_checkpoint(run: Run) -> bool:
-    from litattn.checkpoint import latest_checkpoint
-
     return latest_checkpoint(run.directory) is not None
 
 
@@ -335,8 +295,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-
-    from litattn.utils import atomic_write
 
     atomic_write(path, write)
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from litattn.attention.registry import normalize_attention_spec, split_spec
+from litattn.cli import parse_config
 from litattn.utils import atomic_write, atomic_write_text
 
 KINDS = ("perplexity", "passkey")  # the `litattn evaluate` subcommands an ablation runs
@@ -112,8 +114,6 @@ def plan(spec: dict[str, Any], runs: list, trained_attention: dict[str, dict] | 
 
 
 def _check_attention(label: str, spec: Any, where: str = "") -> None:
-    from litattn.attention.registry import normalize_attention_spec, split_spec
-
     try:
         split_spec(normalize_attention_spec(spec))
     except (ValueError, TypeError, KeyError) as e:
@@ -122,8 +122,6 @@ def _check_attention(label: str, spec: Any, where: str = "") -> None:
 
 def _check_arguments(evaluation: Evaluation) -> None:
     """Parse the config against the subcommand's signature, as the process will, without loading anything."""
-    from litattn.ablate import parse_config
-
     try:
         parse_config(["evaluate", evaluation.kind], evaluation.config)
     except ValueError as e:

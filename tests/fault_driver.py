@@ -25,7 +25,7 @@ import sys
 def main() -> None:
     phase, fault, *args = sys.argv[1:]
     from litattn import ablate, checkpoint, csv_log, generate, loop, model, utils
-    from litattn.__main__ import main as litattn
+    from litattn.cli import main as litattn
 
     if "@" in phase:
         phase, run = phase.split("@")

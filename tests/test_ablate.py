@@ -118,7 +118,7 @@ def test_smoke_grid_produces_tables_and_plots_and_a_rerun_finishes_only_missing_
 
 
 def test_dry_run_lists_the_plan_and_runs_nothing(tmp_path, capsys):
-    from litattn.__main__ import main
+    from litattn.cli import main
 
     main(
         [

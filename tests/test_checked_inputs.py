@@ -157,7 +157,7 @@ def test_a_data_module_option_error_is_its_reason_in_one_line(tmp_path):
 
 
 def test_reason_unwraps_nested_union_dumps_and_keeps_other_messages():
-    from litattn.__main__ import reason
+    from litattn.cli import reason
 
     def union(cause: Exception, subtypes: str) -> ValueError:
         try:
@@ -189,7 +189,7 @@ def test_reason_unwraps_nested_union_dumps_and_keeps_other_messages():
     ],
 )
 def test_print_config_refuses_what_the_command_would_refuse(args, said):
-    from litattn.__main__ import main
+    from litattn.cli import main
 
     with pytest.raises(SystemExit) as e:
         main([*args, "--print_config"])
@@ -214,7 +214,7 @@ def test_every_command_prints_its_config_without_running(capsys):
     error of the CLI)."""
     import inspect
 
-    from litattn.__main__ import commands, main
+    from litattn.cli import commands, main
 
     def leaves(tree, path=()):
         for name, node in tree.items():

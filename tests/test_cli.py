@@ -1,8 +1,8 @@
 import subprocess
 import sys
 
-from litattn.__main__ import main
 from litattn.attention import available_attention
+from litattn.cli import main
 
 
 def test_attention_list_names_each_mechanism_with_a_description(capsys):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from litattn.__main__ import main
+from litattn.cli import main
 
 HUB = Path(__file__).resolve().parents[1] / "config_hub"
 # config_hub/<folder> -> subcommand

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from litattn import cpu
-from litattn.__main__ import _one_line_warning
 from litattn.args import EvalArgs, LogArgs, TrainArgs
+from litattn.cli import one_line_warning
 from litattn.data import TextFiles
 from litattn.pretrain.pretrain import setup
 
@@ -62,7 +62,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_with_the_measured_ratio(monkeyp
         f"{precision} on a CPU without native bf16 (AVX2): bf16 matmuls run at 1.3 GFLOP/s vs 178 fp32 "
         "(137x slower); use --precision 32-true"
     )
-    line = _one_line_warning(message, UserWarning, "", 0)  # as the command line prints it
+    line = one_line_warning(message, UserWarning, "", 0)  # as the command line prints it
     assert line.startswith("litattn: warning: ") and line.count("\n") == 1
 
 

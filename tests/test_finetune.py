@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from litattn import checkpoint as ckpt
-from litattn.__main__ import main
 from litattn.args import EvalArgs, LogArgs, LoRAArgs, OptimizerArgs, TrainArgs
+from litattn.cli import main
 from litattn.config import resolve_model_config
 from litattn.data import AlpacaJSON
 from litattn.data.instructions import InstructionDataset

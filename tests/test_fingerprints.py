@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _DRIVER = """
 import contextlib, io, json, sys, traceback
-from litattn.__main__ import main
+from litattn.cli import main
 
 results = []
 for argv in json.loads(sys.argv[1]):
@@ -262,7 +262,7 @@ def test_a_resumed_build_never_returns_more_batches_and_names_the_setting_that_d
          "documents-2**70", "int-of-5000-digits"],
 )  # fmt: skip
 def test_an_importance_file_with_numbers_out_of_range_is_a_one_line_error(tmp_path, capsys, field, value, message):
-    from litattn.__main__ import main
+    from litattn.cli import main
 
     good = {"format": "litattn.importance", "version": 1, "method": "attention", "default": None, "documents": 0}
     good |= {"info": {}, "ids": [5], "counts": [1], "sums": [0.5]}

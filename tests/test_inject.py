@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from litattn import tokens as tk
-from litattn.__main__ import main
+from litattn.cli import main
 from litattn.data import AlpacaJSON, DisruptPlacement, InjectTokens, SETPlacement, TextFiles
 from litattn.data.inject import InjectedDataset, Injector
 from litattn.data.instructions import IGNORE_INDEX, InstructionDataset

@@ -11,7 +11,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from litattn import __main__ as cli
+from litattn import cli
 from litattn.args import start_work
 from litattn.attention import AttentionMechanism, AttentionOptions, register_attention
 from litattn.attention.registry import merge_attention_specs

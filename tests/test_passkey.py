@@ -9,7 +9,7 @@ import pytest
 from litattn import GPT, Config
 from litattn import checkpoint as ckpt
 from litattn import passkey as pk
-from litattn.__main__ import main
+from litattn.cli import main
 
 
 @pytest.fixture(scope="module")

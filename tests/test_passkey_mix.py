@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from litattn import passkey as pk
-from litattn.__main__ import main
+from litattn.cli import main
 from litattn.data import DataModule, PasskeyMix, TextFiles
 from litattn.data.passkey_mix import PasskeyWindows
 

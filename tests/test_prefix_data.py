@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
-from litattn.__main__ import main
+from litattn.cli import main
 from litattn.data import DataModule, PrefixTask, SampledPrefix, StdlibCorpus
 from litattn.data.prefix import prefix_range
 from litattn.tokenizer import Tokenizer

@@ -14,7 +14,6 @@ import torch
 from litattn import GPT, Config
 from litattn import checkpoint as ckpt
 from litattn import convert as convert_module
-from litattn.__main__ import main
 from litattn.args import (
     EvalArgs,
     LogArgs,
@@ -24,6 +23,7 @@ from litattn.args import (
     check_range,
     check_run_args,
 )
+from litattn.cli import main
 from litattn.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -123,7 +123,7 @@ def test_the_module_api_equals_the_function():
 
 def test_a_checkpoint_runs_with_self_extend_from_the_command_line_beyond_its_context(tmp_path, capsys):
     from litattn import checkpoint as ckpt
-    from litattn.__main__ import main
+    from litattn.cli import main
     from litattn.generate import generate
     from litattn.tokenizer import Tokenizer
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from litattn import GPT, Config
 from litattn import checkpoint as ckpt
-from litattn.__main__ import main as cli
 from litattn.attention import AttentionMechanism
+from litattn.cli import main as cli
 from litattn.data import TextFiles
 from litattn.evaluate import streaming_perplexity
 from litattn.generate import generate
