@@ -14,10 +14,19 @@ import contextlib
 import contextvars
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 MAX_SEED = 2**32 - 1
 """The largest seed Lightning's seed_everything (numpy's generator) accepts."""
+
+
+def check_choice(name: str, value: Any, choices: Any, null: bool = False) -> None:
+    """`value` one of a Literal's choices (or None when `null`): else a one-line ValueError that lists them."""
+    allowed = list(get_args(choices))
+    if value is None and null:
+        return
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}{' (or null)' if null else ''}, got {value!r}")
 
 
 def check_range(
@@ -281,3 +290,18 @@ class LoRAArgs:
             raise ValueError(
                 f"lora.targets must be a non-empty list of layer names such as attn.qkv, got {self.targets}"
             )
+
+
+def check_indexes(requested: list[int] | None, n: int, what: str) -> list[int]:
+    """Indexes of `n` layers or heads (negative: from the end) as 0..n-1; None: all; a one-line error otherwise."""
+    if requested is None:
+        return list(range(n))
+    if not requested:
+        raise ValueError(f"{what}s: none chosen: pass at least one {what} index, or null for all")
+    bad = [i for i in requested if not -n <= i < n]
+    if bad:
+        raise ValueError(
+            f"{what}s: {what} index(es) {bad} out of range: the model has {n} {what}s (0..{n - 1}, or -{n}..-1 "
+            "from the end)"
+        )
+    return [i % n for i in requested]

@@ -19,21 +19,27 @@ import contextlib
 import json
 import os
 import pickle
+import pickletools
 import random
 import re
 import shutil
 import uuid
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from litattn.config import Config, resolve_model_config
-from litattn.tokenizer import MODEL_FILES
+from litattn.model import GPT, is_mechanism_parameter
+from litattn.tokenizer import MODEL_FILES, Tokenizer
 from litattn.utils import WriteError, atomic_write, make_temp_dir, write_failure
 
 if TYPE_CHECKING:
@@ -135,9 +141,6 @@ def save_state_dict(state: dict[str, Tensor], path: Path) -> None:
     """Write weights as safetensors. Tensors that alias another (tied embeddings) are stored once
     and recorded in the metadata, because safetensors refuses shared storage; `load_state_dict`
     restores them, so readers always see every key."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     tensors, aliases = _dealias(state)
     try:
         save_file(tensors, str(path), metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
@@ -268,8 +271,6 @@ def load_training_state(checkpoint_dir: Path, map_location: str | torch.device =
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a training run draws from, as plain data (numpy's key array becomes a list)."""
-    import numpy as np
-
     np_state = np.random.get_state()
     version, internal, gauss = random.getstate()
     state = {
@@ -284,8 +285,6 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured: the next random numbers equal those the saved run drew."""
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -368,8 +367,6 @@ def load_state_dict(path: Path, device: str | torch.device = "cpu") -> dict[str,
 
 
 def _load_safetensors(path: Path, device) -> dict[str, Tensor]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
@@ -385,9 +382,6 @@ def _load_safetensors(path: Path, device) -> dict[str, Tensor]:
 
 
 def _torch_load(path: Path, map_location) -> Any:
-    import pickletools
-    import zipfile
-
     def pickled_global() -> str | None:
         """The first global (module.name) outside torch's own that the file's pickle names: "" when it names none,
         None when the file is not one whole pickle (or a torch zip holding one). Parses opcodes, never unpickles."""
@@ -454,8 +448,6 @@ def load(
     the checkpoint keep their init, and the old mechanism's are dropped with a warning.
     dtype=None keeps the dtype the weights were saved in.
     """
-    from litattn.model import GPT
-
     saved, weights_path, litgpt = _saved_config(checkpoint_dir)
     config = resolve_model_config(saved.name, config_overrides, base=saved)
     state = _read_weights(weights_path, litgpt, config)
@@ -525,8 +517,6 @@ def _saved_dtype(state: dict[str, Tensor]) -> torch.dtype:
 
 
 def _load_weights(model: GPT, state: dict[str, Tensor], path: Path, attention_overridden: bool) -> None:
-    from litattn.model import is_mechanism_parameter
-
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -571,7 +561,6 @@ def has_tokenizer(checkpoint_dir: Path) -> bool:
 def _load_tokenizer(checkpoint_dir: Path, config: Config) -> Tokenizer | None:
     if not has_tokenizer(checkpoint_dir):
         return None
-    from litattn.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(checkpoint_dir)
     tokenizer.check_fits(config.padded_vocab_size)
@@ -691,3 +680,10 @@ __all__ = [
     "litgpt_config_to_litattn",
     "litgpt_state_dict_to_litattn",
 ]
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """The parameter dtype a precision computes in ("-true": the weights themselves; mixed: float32 masters)."""
+    return {"64-true": torch.float64, "bf16-true": torch.bfloat16, "16-true": torch.float16}.get(
+        str(precision), torch.float32
+    )

@@ -80,7 +80,7 @@ COMMANDS = {
         "streaming": "litattn.evaluate:streaming_perplexity",
     },
     "visualize": {"attention": "litattn.visualize:attention"},
-    "truncate": {"build": "litattn.truncation:build", "apply": "litattn.truncation:apply"},
+    "truncate": {"build": "litattn.truncation.cli:build", "apply": "litattn.truncation.cli:apply"},
     "attention": {"list": "litattn.cli:attention_list"},
     "model": {"list": "litattn.cli:model_list"},
 }

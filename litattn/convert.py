@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
@@ -45,7 +47,8 @@ from litattn.checkpoint import (
     save_checkpoint,
 )
 from litattn.config import Config
-from litattn.tokenizer import CONFIG_FILES, MODEL_FILES
+from litattn.model import GPT
+from litattn.tokenizer import CONFIG_FILES, MODEL_FILES, Tokenizer
 
 ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2",
@@ -173,8 +176,6 @@ class HFWeights:
         out = []
         for path in self.files:
             if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
                 with safe_open(str(path), framework="pt") as f:
                     out.extend(f.keys())
             else:
@@ -184,8 +185,6 @@ class HFWeights:
     def items(self) -> Iterator[tuple[str, Tensor]]:
         for path in self.files:
             if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
                 with safe_open(str(path), framework="pt") as f:
                     for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                         yield key, f.get_tensor(key)
@@ -367,8 +366,6 @@ def from_hf(checkpoint_dir: Path, out_dir: Path, dtype: str | None = None) -> Pa
 
     dtype (e.g. "bfloat16") casts the floating-point weights; None keeps the dtype they were saved in.
     """
-    from litattn.tokenizer import Tokenizer
-
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     _check_distinct(checkpoint_dir, out_dir)
     torch_dtype = _parse_dtype(dtype)
@@ -429,8 +426,6 @@ def _tensor_from_hf(family: str, lit: str, t: Tensor, config: Config) -> Tensor:
 
 def _check_state(state: dict[str, Tensor], config: Config, source: Path) -> None:
     """Every parameter the litattn model has, with its shape: a config/weights mismatch fails here, not later."""
-    from litattn.model import GPT
-
     with torch.device("meta"):
         expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
     missing = sorted(set(expected) - set(state))
@@ -623,8 +618,6 @@ def to_hf(checkpoint_dir: Path, out_dir: Path, max_shard_size: int | str = "5GB"
 
 def _lit_tensors(checkpoint_dir: Path) -> tuple[Iterator[tuple[str, Tensor]], int]:
     """(key, tensor) pairs of model.safetensors read one at a time, and their number (aliases are not stored)."""
-    from safetensors import safe_open
-
     path = checkpoint_dir / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass a litattn checkpoint directory (model.safetensors)")
@@ -643,7 +636,6 @@ def _token_ids(checkpoint_dir: Path) -> dict[str, int]:
     """bos/eos ids for config.json from the checkpoint's tokenizer (none if it has no tokenizer)."""
     if not has_tokenizer(checkpoint_dir):
         return {}
-    from litattn.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(checkpoint_dir)
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
@@ -667,8 +659,6 @@ class _ShardWriter:
         self.size += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         path = self.directory / f"shard-{len(self.shards)}.tmp"
         save_file(self.current, str(path), metadata={"format": "pt"})
         self.shards.append((path, list(self.current)))

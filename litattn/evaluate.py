@@ -12,15 +12,27 @@ prediction gets (and in the count of windows that fit); `max_batches` takes wind
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import math
+import re
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from lightning_fabric import Fabric
 
+from litattn.args import check_range, start_work
+from litattn.checkpoint import load_with_tokenizer, weights_dtype
 from litattn.data import DataModule, StdlibCorpus, TokenWindows
-from litattn.utils import atomic_write_text
+from litattn.loop import validation_loss
+from litattn.streaming import SinkWindowCache, check_streamable
+from litattn.utils import atomic_write_text, progress_bar
 
 
 def perplexity(
@@ -58,11 +70,6 @@ def perplexity(
         The results written to out_file: the checkpoint, attention spec, data and one row per length with
         `windows`, `tokens`, `loss` and `perplexity` (or `error`).
     """
-    from lightning_fabric import Fabric
-
-    from litattn.args import check_range, start_work
-    from litattn.checkpoint import load_with_tokenizer
-    from litattn.loop import validation_loss
 
     checkpoint_dir = Path(checkpoint_dir)
     check_range("micro_batch_size", micro_batch_size, ge=1)
@@ -78,7 +85,7 @@ def perplexity(
     fabric = Fabric(accelerator="auto", devices=1, precision=precision)
     fabric.launch()
     model, tokenizer, config = load_with_tokenizer(
-        checkpoint_dir, fabric.device, _weights_dtype(precision), attention, context
+        checkpoint_dir, fabric.device, weights_dtype(precision), attention, context
     )
     max_len = model.max_seq_length
     lengths = [int(n) for n in lengths] if lengths else [config.block_size]
@@ -109,7 +116,7 @@ def perplexity(
             rows.append(row)
             continue
         count = len(windows) if max_batches is None else min(len(windows), max_batches * micro_batch_size)
-        with _progress(count, f"length {n}") as bar:
+        with progress_bar(count, f"length {n}") as bar:
             loss = validation_loss(fabric, model, _Ticking(windows, bar), micro_batch_size, max_batches)
         row.update(windows=count, tokens=count * n, loss=loss, perplexity=_exp(loss))
         rows.append(row)
@@ -140,8 +147,6 @@ def _describe_run(checkpoint_dir: Path, config, data: DataModule, precision: str
 
 def require_some_run(rows: list[dict[str, Any]]) -> None:
     """ValueError (nothing is written) when no requested length could run; a note on stderr when some could not."""
-    import sys
-
     failed = [r for r in rows if "error" in r]
     if failed and len(failed) == len(rows):
         more = f" (and {len(failed) - 1} more length(s))" if len(failed) > 1 else ""
@@ -154,8 +159,6 @@ def require_some_run(rows: list[dict[str, Any]]) -> None:
 
 def new_result_file(folder: Path, attention: dict[str, Any]) -> Path:
     """`folder/perplexity-<attention name>-<UTC time>.json`, a name no earlier result has."""
-    import time
-
     stem = f"perplexity-{attention['name']}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     path, n = folder / f"{stem}.json", 1
     while path.exists():
@@ -185,13 +188,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _weights_dtype(precision: str) -> torch.dtype:
-    """The parameter dtype a precision computes in ("-true": the weights themselves; mixed: float32 masters)."""
-    return {"64-true": torch.float64, "bf16-true": torch.bfloat16, "16-true": torch.float16}.get(
-        str(precision), torch.float32
-    )
-
-
 def _exp(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
@@ -208,12 +204,6 @@ class _Ticking(torch.utils.data.Dataset):
     def __getitem__(self, i):
         self.bar.update(1)
         return self.dataset[i]
-
-
-def _progress(total: int, desc: str, unit: str = "window"):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, delay=2.0, leave=False)  # shown only if it takes a while
 
 
 # ---------------------------------------------------------------------------------- streaming
@@ -276,15 +266,6 @@ def streaming_perplexity(
         peak resident set over the row, Linux VmHWM; None where it cannot be measured) and, for the streaming
         rows, `cache_bytes` (the KV cache: constant in the length).
     """
-    import sys
-    import time
-
-    import numpy as np
-    from lightning_fabric import Fabric
-
-    from litattn.args import check_range, start_work
-    from litattn.checkpoint import load_with_tokenizer
-    from litattn.streaming import check_streamable
 
     checkpoint_dir = Path(checkpoint_dir)
     check_range("length", length, ge=1, null="16 x block_size")
@@ -306,7 +287,7 @@ def streaming_perplexity(
     fabric = Fabric(accelerator="auto", devices=1, precision=precision)
     fabric.launch()
     model, tokenizer, config = load_with_tokenizer(
-        checkpoint_dir, fabric.device, _weights_dtype(precision), attention, context
+        checkpoint_dir, fabric.device, weights_dtype(precision), attention, context
     )
     model.eval()
     if stream_window is None:
@@ -350,7 +331,7 @@ def streaming_perplexity(
     for method in methods:
         sinks, window = settings[method]
         row: dict[str, Any] = {"method": method, "sink_size": sinks, "window": window}
-        with _progress(length, method, unit="token") as bar, _PeakMemory(fabric.device) as memory, fabric.autocast():
+        with progress_bar(length, method, unit="token") as bar, _PeakMemory(fabric.device) as memory, fabric.autocast():
             start = time.perf_counter()
             if method == "recompute":
                 loss_sum = _recompute_loss_sum(model, text, window, stride, bar.update)
@@ -389,9 +370,6 @@ def streaming_perplexity(
 @torch.no_grad()
 def _streaming_loss_sum(model, text: torch.Tensor, sink_size: int, window: int, chunk: int, advance) -> tuple:
     """(sum of the next-token losses over text (1, N + 1) fed through a sink + window cache, the cache's bytes)."""
-    import torch.nn.functional as F
-
-    from litattn.streaming import SinkWindowCache
 
     total = torch.zeros((), dtype=torch.float64, device=text.device)
     done = 0
@@ -410,8 +388,6 @@ def _streaming_loss_sum(model, text: torch.Tensor, sink_size: int, window: int, 
 def _recompute_loss_sum(model, text: torch.Tensor, window: int, stride: int, advance) -> float:
     """Sum of the next-token losses over text (1, N + 1), each forward a fresh one over the latest `window`
     tokens (positions 0..) scoring its last `stride` predictions."""
-    import torch.nn.functional as F
-
     N = text.shape[1] - 1
     total = torch.zeros((), dtype=torch.float64, device=text.device)
     done = 0
@@ -459,8 +435,6 @@ class _PeakMemory:
         return "growth of the process's peak resident set (VmHWM) over the row"
 
     def __enter__(self) -> _PeakMemory:
-        import gc
-
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -468,8 +442,6 @@ class _PeakMemory:
             self._before = torch.cuda.memory_allocated(self.device)
             return self
         try:
-            import ctypes
-
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the OS, so the row starts low
         except (OSError, AttributeError):
             pass
@@ -495,8 +467,6 @@ class _PeakMemory:
 
 
 def _proc_status_bytes(key: str) -> int:
-    import re
-
     with open("/proc/self/status") as f:
         match = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
     if match is None:

@@ -22,6 +22,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from litattn.args import check_range, check_seed, start_work
+from litattn.checkpoint import has_tokenizer, load_with_tokenizer
+from litattn.data.instructions import Example, format_prompt
+from litattn.data.prompt_truncation import prompt_scores, protected_spans
+from litattn.streaming import DEFAULT_SINK_SIZE, SinkWindowCache, check_streamable, check_streaming_args
+from litattn.tokenizer import Tokenizer
+from litattn.truncation import Importance, Protect, windowed_token_scores
+from litattn.truncation import truncate as drop_tokens
+
 if TYPE_CHECKING:
     from litattn.model import GPT
 
@@ -54,8 +63,6 @@ def sample(
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    from litattn.args import check_range
-
     check_range("temperature", temperature, ge=0)  # 0: greedy
     check_range("top_k", top_k, ge=1, null="all tokens")
     check_range("top_p", top_p, gt=0, le=1, null="all tokens")
@@ -94,8 +101,6 @@ def generate(
     prompt): handed to the prefill as `prefix_len` metadata when the attention mechanism reads it (declares it
     in `metadata_keys`; hybrid sees the prefix bidirectionally), ignored by mechanisms that do not.
     """
-    from litattn.streaming import SinkWindowCache, check_streaming_args
-
     _check_sampling(temperature, top_k, top_p)
     check_streaming_args(stream_window, sink_size, stream_chunk)
     if max_new_tokens < 1:
@@ -176,9 +181,6 @@ def _prompt_scorer(strategy: str | None, importance: Path | None, prompt_budget:
         )
     if importance is None:
         return None
-    from litattn.checkpoint import has_tokenizer
-    from litattn.tokenizer import Tokenizer
-    from litattn.truncation import Importance
 
     imp = Importance.load(importance)
     if has_tokenizer(checkpoint_dir):  # else loading the checkpoint says what is missing
@@ -188,10 +190,6 @@ def _prompt_scorer(strategy: str | None, importance: Path | None, prompt_budget:
 
 def _truncate_prompt(ids: list[int], budget: int, strategy: str, imp, model, head: int, tail: int) -> list[int]:
     """ids cut to `budget` tokens by `strategy`, the first `head` and last `tail` kept; a note on stderr."""
-    from litattn.data.prompt_truncation import prompt_scores
-    from litattn.truncation import Protect
-    from litattn.truncation import truncate as drop_tokens
-
     if len(ids) <= budget:
         return ids
     if head + tail > budget:
@@ -199,7 +197,8 @@ def _truncate_prompt(ids: list[int], budget: int, strategy: str, imp, model, hea
             f"prompt_budget {budget} is below the {head + tail} prompt tokens truncation must keep; raise "
             "prompt_budget or lower protect_last"
         )
-    scores = prompt_scores("input_left" if strategy == "left" else strategy, [ids], imp, model)[0]
+    live = lambda prompts: windowed_token_scores(model, prompts)  # noqa: E731 (the generating model scores itself)
+    scores = prompt_scores("input_left" if strategy == "left" else strategy, [ids], imp, live)[0]
     kept = drop_tokens(ids, budget, scores=scores, protect=Protect(first=head, last=tail))
     print(
         f"litattn: note: the prompt was truncated from {len(ids)} to {len(kept)} tokens ({strategy})", file=sys.stderr
@@ -331,11 +330,6 @@ def main(
     Returns:
         The generated text (without the prompt).
     """
-    from litattn.args import check_range, check_seed, start_work
-    from litattn.checkpoint import load_with_tokenizer
-    from litattn.data.instructions import format_prompt
-    from litattn.streaming import DEFAULT_SINK_SIZE, check_streamable, check_streaming_args
-
     check_range("max_new_tokens", max_new_tokens, ge=1)  # every argument before the model loads
     _check_sampling(temperature, top_k, top_p)
     check_seed("seed", seed)
@@ -362,9 +356,6 @@ def main(
     if truncate is not None:
         budget = prompt_budget or max(1, model.max_seq_length - max_new_tokens)
         if instruction is not None:  # the template around the instruction stays
-            from litattn.data.instructions import Example
-            from litattn.data.prompt_truncation import protected_spans
-
             head, tail = (int(n) for n in protected_spans([Example(instruction, "")], tokenizer, True)[0])
         else:
             head, tail = 0, protect_last

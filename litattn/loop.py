@@ -22,24 +22,33 @@ random draws the uninterrupted run would have had.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
 import types
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_fabric import Fabric
+from lightning_fabric.loggers import TensorBoardLogger
+from tqdm import tqdm
 
+from litattn import checkpoint as ckpt
+from litattn import run_dir
 from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs, start_work
 from litattn.config import Config
 from litattn.cpu import describe_machine, format_flops, warn_if_slow_bf16
+from litattn.csv_log import CSVLogger
 from litattn.data import DataModule
+from litattn.generate import generate
 from litattn.hooks import HookContext, TrainingHook
 from litattn.plan import TrainingPlan
+from litattn.tokenizer import Tokenizer
 from litattn.training import (
     Interrupted,
     StopSignal,
@@ -52,7 +61,7 @@ from litattn.training import (
     peak_memory_bytes,
     set_lr,
 )
-from litattn.utils import WriteError
+from litattn.utils import WriteError, atomic_write_text, write_failure
 
 
 @dataclass
@@ -93,8 +102,6 @@ def launch_fabric(
     out_dir: Path, log: LogArgs, precision: str, accelerator: str, devices, num_nodes: int, strategy: str, seed: int
 ):
     """A launched Fabric (processes started for multi-device strategies) with the run's logger, seeded."""
-    from lightning_fabric import Fabric
-
     fabric = Fabric(
         accelerator=accelerator,
         devices=devices,
@@ -174,8 +181,6 @@ def fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec) -> int:
     try:
         return _fit(fabric, plan, data, run, claim.resume_dir)
     except WriteError as e:  # a full disk or an unwritable file: say what is kept and how to go on
-        from litattn import checkpoint as ckpt
-
         kept = ckpt.latest_checkpoint(run.out_dir)
         raise type(e)(
             f"{e}. "
@@ -201,8 +206,6 @@ class _Batching:
 
 
 def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir: Path | None) -> int:
-    from litattn import checkpoint as ckpt
-
     t0 = time.perf_counter()
     warn_if_slow_bf16(fabric)  # before any work: bf16 on a CPU that emulates it is many times slower than fp32
     config = plan.config
@@ -446,8 +449,6 @@ def _forward_backward(fabric, model, train_data, windows: torch.Tensor, b: _Batc
 
 def _stopped(fabric, stop: StopSignal, state: dict, saved_steps: dict, save, training_done: bool, out_dir: Path) -> int:
     """Save what a signal interrupted (unless saved already) and say how to continue; the exit code."""
-    from litattn import checkpoint as ckpt
-
     if state["step"] == 0:
         fabric.print(f"Stopped by {stop.received} before the first optimizer step: nothing trained, nothing saved")
         fabric.logger.finalize("interrupted")
@@ -468,8 +469,6 @@ def _stopped(fabric, stop: StopSignal, state: dict, saved_steps: dict, save, tra
 def _claim_out_dir(fabric, out_dir: Path, resume, overwrite: bool):
     """Rank 0 claims out_dir (litattn/run_dir.py); every rank learns the outcome, so an error stops all
     of them (not only rank 0, leaving the others waiting at the next collective)."""
-    from litattn import run_dir
-
     claim, error = None, None
     if fabric.global_rank == 0:
         try:
@@ -490,9 +489,6 @@ def run_tokenizer(tokenizer_dir: Path | None, checkpoint_dir: Path | None):
     """The tokenizer a run uses: a run that starts from a checkpoint (resumed, initial weights, finetuning)
     keeps the checkpoint's, since its weights were trained on those ids; `tokenizer_dir` may name it too,
     but a different one is an error. Otherwise `tokenizer_dir`'s, or None (the data module trains one)."""
-    from litattn import checkpoint as ckpt
-    from litattn.tokenizer import Tokenizer
-
     given = Tokenizer(tokenizer_dir) if tokenizer_dir else None
     if checkpoint_dir is None:
         return given
@@ -621,14 +617,10 @@ def _validated_in_full(state: dict) -> bool:
 
 
 def _training_state(optimizer, state: dict, seed: int) -> dict:
-    from litattn import checkpoint as ckpt
-
     return {**state, "seed": seed, "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state()}
 
 
 def _load_resumable(plan: TrainingPlan, directory: Path, model, optimizer, state: dict) -> None:
-    from litattn import checkpoint as ckpt
-
     saved = ckpt.load_training_state(directory)
     plan.restore(model, directory, saved)
     optimizer.load_state_dict(saved["optimizer"])
@@ -638,9 +630,6 @@ def _load_resumable(plan: TrainingPlan, directory: Path, model, optimizer, state
 
 
 def _make_logger(log: LogArgs, out_dir: Path):
-    from lightning_fabric.loggers import TensorBoardLogger
-
-    from litattn.csv_log import CSVLogger
 
     if log.logger == "tensorboard":
         try:
@@ -651,8 +640,6 @@ def _make_logger(log: LogArgs, out_dir: Path):
 
 
 def _progress(fabric, log: LogArgs, total: int | None, initial: int):
-    from tqdm import tqdm
-
     return tqdm(
         total=total,
         initial=initial,
@@ -666,9 +653,6 @@ def _summary(fabric, model, seq_len: int, state: dict, out_dir: Path) -> None:
     """Print the run's figures and write them to out_dir/summary.json (what `litattn ablate` tabulates). Time,
     tokens/s and peak memory cover every session of a resumed run; a figure an earlier session did not record
     is null (never 0)."""
-    import json
-
-    from litattn.utils import atomic_write_text, write_failure
 
     seconds, memory = state["train_seconds"], state["peak_memory_bytes"]
     tokens_per_sec = state["tokens"] / seconds if seconds else None
@@ -728,8 +712,6 @@ def _sample_prompt(log: LogArgs, tokenizer, val_data) -> tuple[list[int] | None,
 
 
 def _sample(model, tokenizer, prompt_ids: list[int], max_tokens: int, seed: int, prefix_len: int | None = None) -> None:
-    from litattn.generate import generate
-
     max_tokens = min(max_tokens, model.max_seq_length - len(prompt_ids))
     if max_tokens < 1:
         print(f"(no sample: the {len(prompt_ids)}-token prompt fills the model's context)")
@@ -766,8 +748,6 @@ def hyperparameters_of(arguments: dict[str, Any]) -> dict[str, Any]:
 
 def _class_path(module: DataModule) -> dict[str, Any]:
     """A data module as the CLI reads one: class_path and init_args, nested data modules (a wrapper's) alike."""
-    from dataclasses import fields
-
     init_args = {}
     for f in fields(module):
         if f.init:

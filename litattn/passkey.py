@@ -21,112 +21,31 @@ from __future__ import annotations
 
 import json
 import random
-import re
-from dataclasses import dataclass
+import textwrap
 from pathlib import Path
 from typing import Any
 
-INTRO = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-    "I will quiz you about the important information there. "
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from litattn.args import check_range, check_seed, start_work
+from litattn.checkpoint import load_with_tokenizer
+from litattn.evaluate import require_some_run, too_long
+from litattn.generate import generate
+from litattn.passkey_prompts import (
+    DEFAULT_DEPTHS,
+    PromptBuilder,
+    digits_correct,
+    is_correct,
 )
-FILLER = (
-    "The grass is green. ",
-    "The sky is blue. ",
-    "The sun is yellow. ",
-    "Here we go. ",
-    "There and back again. ",
-)
-KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "What is the pass key? The pass key is"
-DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
-
-
-@dataclass
-class Prompt:
-    """A passkey prompt: its token ids and where the key went."""
-
-    ids: list[int]
-    key: int
-    depth: float
-    filler_sentences: int  # in the whole prompt
-    key_after: int  # filler sentences before the key sentence
-    key_position: int  # token index where the key sentence starts (tokenizing the text before it)
-
-
-def prompt_text(key: int, filler_sentences: int, key_after: int) -> tuple[str, str]:
-    """(the text before the key sentence, the whole prompt text)."""
-    filler = [FILLER[i % len(FILLER)] for i in range(filler_sentences)]
-    before = INTRO + "".join(filler[:key_after])
-    return before, before + KEY_SENTENCE.format(key=key) + "".join(filler[key_after:]) + QUESTION
-
-
-class PromptBuilder:
-    """Builds prompts for one tokenizer: the most filler sentences whose prompt tokens (with the tokenizer's BOS
-    where it uses one) fit in max_tokens. The filler's tokens per sentence are estimated once, in context, so a
-    prompt costs about two tokenizations at any length."""
-
-    RATE_SENTENCES = 200  # filler sentences tokenized once for the estimate
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.bos = bool(getattr(tokenizer, "use_bos", False))
-        base = len(self.ids(10000, 0, 0.0))
-        full = len(self.ids(10000, self.RATE_SENTENCES, 0.0))
-        self.tokens_per_sentence = max((full - base) / self.RATE_SENTENCES, 1.0)
-
-    def ids(self, key: int, filler_sentences: int, depth: float) -> list[int]:
-        text = prompt_text(key, filler_sentences, round(depth * filler_sentences))[1]
-        return self.tokenizer.encode(text, bos=self.bos)
-
-    def shortest(self, key: int) -> int:
-        """Tokens of the prompt without filler."""
-        return len(self.ids(key, 0, 0.0))
-
-    def __call__(self, key: int, depth: float, max_tokens: int) -> Prompt:
-        """The prompt; ValueError when even the prompt without filler does not fit."""
-        base = self.shortest(key)
-        if base > max_tokens:
-            raise ValueError(f"a passkey prompt without filler has {base} tokens, more than the {max_tokens} available")
-        n = max(int((max_tokens - base) / self.tokens_per_sentence), 0)  # an estimate, then corrected
-        ids = self.ids(key, n, depth)
-        while n > 0 and len(ids) > max_tokens:
-            n -= 1
-            ids = self.ids(key, n, depth)
-        while len(longer := self.ids(key, n + 1, depth)) <= max_tokens:
-            n += 1
-            ids = longer
-        key_after = round(depth * n)
-        before, _ = prompt_text(key, n, key_after)
-        return Prompt(ids, key, depth, n, key_after, len(self.tokenizer.encode(before, bos=self.bos)))
-
-
-def build_prompt(tokenizer: Any, key: int, depth: float, max_tokens: int) -> Prompt:
-    """The prompt with the most filler sentences whose tokens (with the tokenizer's BOS where it uses one) fit
-    in max_tokens; ValueError when even the prompt without filler does not fit. (Many prompts: `PromptBuilder`.)"""
-    return PromptBuilder(tokenizer)(key, depth, max_tokens)
-
-
-def digits_correct(answer: str, key: int) -> float:
-    """Share of the key's digits that the first number in the answer (whitespace removed) has at the same place:
-    partial retrieval, for models too small to copy a whole key (1.0 iff `is_correct`)."""
-    match = re.search(r"\d+", re.sub(r"\s+", "", answer))
-    got, want = (match.group() if match else ""), str(key)
-    same = sum(a == b for a, b in zip(got, want, strict=False))
-    return same / max(len(want), len(got))
-
-
-def is_correct(answer: str, key: int) -> bool:
-    """Whether the first number in the answer (whitespace removed) is the key."""
-    match = re.search(r"\d+", re.sub(r"\s+", "", answer))
-    return match is not None and match.group() == str(key)
+from litattn.tokenizer import Tokenizer
+from litattn.utils import atomic_write, atomic_write_text
+from litattn.visualize import describe_spec, plain_text
 
 
 def _answer(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> str:
     """The model's greedy continuation of the prompt ids, decoded (without an end-of-sequence token)."""
-    import torch
-
-    from litattn.generate import generate
 
     out = generate(model, torch.tensor(ids, dtype=torch.long), max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id)
     new = [t for t in out.tolist()[len(ids) :] if t != tokenizer.eos_id]
@@ -166,13 +85,6 @@ def passkey(
         The results written to passkey.json: the checkpoint, attention spec, keys and one row per length with a
         cell per depth (`correct`, `trials`, `accuracy`, the prompts' token counts and answers), or an `error`.
     """
-    import torch
-    from tqdm import tqdm
-
-    from litattn.args import check_range, check_seed, start_work
-    from litattn.checkpoint import load_with_tokenizer
-    from litattn.evaluate import require_some_run, too_long
-    from litattn.tokenizer import Tokenizer
 
     checkpoint_dir = Path(checkpoint_dir)
     check_range("trials", trials, ge=1)
@@ -268,7 +180,6 @@ def passkey(
     print(format_table(rows, depths))
     require_some_run(rows)
     out_dir = checkpoint_dir / "eval" if out_dir is None else Path(out_dir)
-    from litattn.utils import atomic_write_text
 
     atomic_write_text(out_dir / "passkey.json", json.dumps(result, indent=2) + "\n")
     heatmap(result, out_dir / "passkey.png")
@@ -278,8 +189,6 @@ def passkey(
 
 def _check_lengths(tokenizer: Any, lengths: list[int], keys: list[int], max_new_tokens: int) -> None:
     """ValueError unless every length holds the prompt without filler (for each key) plus max_new_tokens."""
-    from litattn.args import check_range
-
     build = PromptBuilder(tokenizer)
     shortest = max(build.shortest(k) for k in keys) + max_new_tokens
 
@@ -305,14 +214,8 @@ def format_table(rows: list[dict[str, Any]], depths: list[float]) -> str:
 
 def heatmap(result: dict[str, Any], out_file: Path) -> Path:
     """Draw the accuracy per (length, depth) as an annotated heatmap PNG (error rows grey), written atomically."""
-    import textwrap
-
     import matplotlib
-    import numpy as np
     from matplotlib.figure import Figure
-
-    from litattn.utils import atomic_write
-    from litattn.visualize import _plain, describe_spec
 
     rows, depths = result["results"], result["depths"]
     acc = np.full((len(rows), len(depths)), np.nan)
@@ -336,7 +239,7 @@ def heatmap(result: dict[str, Any], out_file: Path) -> Path:
             ax.text(j, i, f"{c['correct']}/{c['trials']}", ha="center", va="center", fontsize=8, color=color)
     fig.colorbar(image, ax=ax, label="accuracy")
     name = Path(result["checkpoint_dir"]).resolve().name
-    title = _plain(f"passkey · {describe_spec(result['attention'])} · {name}")
+    title = plain_text(f"passkey · {describe_spec(result['attention'])} · {name}")
     width = max(12, int(fig.get_figwidth() * 11))  # characters of 9-point text per line in this figure's width
     ax.set_title("\n".join(textwrap.wrap(title, width, break_long_words=True)), fontsize=9)
     out_file = Path(out_file)

@@ -18,6 +18,11 @@ from typing import IO
 from litattn import checkpoint as ckpt
 from litattn.utils import remove_stale_temps
 
+try:
+    import fcntl  # POSIX only: the out_dir lock
+except ImportError:
+    fcntl = None
+
 LOCK_FILE = ".litattn.lock"
 RUN_OUTPUTS = ("logs", "summary.json")
 """What a run writes besides its checkpoint directories (cleared by `overwrite` too)."""
@@ -97,9 +102,7 @@ def _lock(out_dir: Path) -> IO:
         raise ValueError(
             f"Cannot write to out_dir {str(out_dir)!r} ({e.strerror or e}): choose a writable --out_dir"
         ) from None
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, the checkpoint checks below still apply
+    if fcntl is None:  # not POSIX: no lock, the checkpoint checks below still apply
         return lock
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -17,6 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import sentencepiece as spm
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
 from litattn.utils import atomic_write, content_key, make_temp_dir, remove_stale_temps
 
 N_SET = 16
@@ -72,10 +76,6 @@ class Tokenizer:
 
         self._hf = self._sp = None
         self.backend = "huggingface" if model_file.name == "tokenizer.json" else "sentencepiece"
-        if self.backend == "huggingface":
-            from tokenizers import Tokenizer as HFTokenizer
-        else:
-            import sentencepiece as spm
         try:
             if self.backend == "huggingface":
                 self._hf = HFTokenizer.from_str(self._files["tokenizer.json"].decode("utf-8"))
@@ -296,9 +296,6 @@ class Tokenizer:
         Byte-level: every UTF-8 string is representable, so nothing maps to an unknown token and decoding is
         exact. The special-token table comes first (ids 0..len(SPECIAL_TOKENS)-1), then the 256 byte symbols.
         """
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers, trainers
-
         min_size = len(SPECIAL_TOKENS) + 256
         if vocab_size < min_size:
             raise ValueError(

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tqdm import tqdm
+
 # `.<name>.<pid>.<8 random chars>.tmp`: the writer's pid tells a stale temp (its process is gone) from a live one
 _TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp")
 _UNOWNED_TEMP_AGE_S = 3600.0
@@ -135,3 +137,7 @@ def file_digest(path: Path) -> str:
 def content_key(obj) -> str:
     """A short stable key of JSON-able data (cache directory and file names): equal data, equal key."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def progress_bar(total: int, desc: str, unit: str = "window"):
+    return tqdm(total=total, desc=desc, unit=unit, delay=2.0, leave=False)  # shown only if it takes a while

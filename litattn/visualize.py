@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from litattn.args import start_work
+from litattn.args import check_indexes, start_work
 from litattn.checkpoint import load_with_tokenizer
 from litattn.utils import atomic_write
 
@@ -56,8 +56,8 @@ def attention(
     start_work()
     checkpoint_dir = Path(checkpoint_dir)
     model, tokenizer, config = load_with_tokenizer(checkpoint_dir, attention=attention_spec)
-    _indexes(layers, model.block_applications(), "layer")  # out of range: an error now, before any map is computed
-    _indexes(heads, config.n_head, "head")
+    check_indexes(layers, model.block_applications(), "layer")  # out of range: an error now, before any map is computed
+    check_indexes(heads, config.n_head, "head")
     ids = tokenizer.encode(prompt, bos=tokenizer.use_bos)
     if not ids:
         raise ValueError("The prompt is empty: there is no attention to draw")
@@ -88,28 +88,14 @@ def select_maps(
 ) -> tuple[torch.Tensor, list[int], list[str]]:
     """The panels to draw from `GPT.attention_maps` (first batch row): (len(layers), panels, T, S) float32 on CPU,
     the layer indexes and one title per panel column ("head 3", or "mean of 4 heads")."""
-    layer_idx = _indexes(layers, len(maps), "layer")
+    layer_idx = check_indexes(layers, len(maps), "layer")
     n_head = maps[0].shape[1]
-    head_idx = _indexes(heads, n_head, "head")
+    head_idx = check_indexes(heads, n_head, "head")
     data = torch.stack([maps[i][0, head_idx] for i in layer_idx]).float().cpu()  # (L, H, T, S)
     if average_heads:
         what = "all heads" if heads is None else f"heads {', '.join(map(str, head_idx))}"
         return data.mean(dim=1, keepdim=True), layer_idx, [f"mean of {what}"]
     return data, layer_idx, [f"head {h}" for h in head_idx]
-
-
-def _indexes(requested: list[int] | None, n: int, what: str) -> list[int]:
-    if requested is None:
-        return list(range(n))
-    if not requested:
-        raise ValueError(f"{what}s: none chosen: pass at least one {what} index, or null for all")
-    bad = [i for i in requested if not -n <= i < n]
-    if bad:
-        raise ValueError(
-            f"{what}s: {what} index(es) {bad} out of range: the model has {n} {what}s (0..{n - 1}, or -{n}..-1 "
-            "from the end)"
-        )
-    return [i % n for i in requested]
 
 
 def render(
@@ -151,7 +137,7 @@ def render(
                 ax.set_ylabel("query")
     bar = fig.colorbar(image, ax=axes, shrink=min(1.0, 0.4 + 0.2 * n_rows), aspect=30, pad=0.02)
     bar.set_label("attention probability (grey: 0, masked)")
-    fig.suptitle(_plain(title), fontsize=11)
+    fig.suptitle(plain_text(title), fontsize=11)
     return fig
 
 
@@ -167,7 +153,7 @@ def token_label(text: str, max_chars: int = 10) -> str:
     text = text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
     text = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
     text = text if len(text) <= max_chars else text[: max_chars - 1] + "…"
-    return _plain(text) or "∅"
+    return plain_text(text) or "∅"
 
 
 def describe_spec(spec: dict) -> str:
@@ -176,7 +162,7 @@ def describe_spec(spec: dict) -> str:
     return spec["name"] + (f"({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
 
 
-def _plain(text: str) -> str:
+def plain_text(text: str) -> str:
     """Escape `$`, which matplotlib would otherwise read as the start of math text."""
     return text.replace("$", r"\$")
 

@@ -180,7 +180,7 @@ def test_unreadable_tokenizer_files_name_the_file(root, tmp_path):
 def importance(root) -> Path:
     """An attention dictionary of the `ckpt` checkpoint, built as `litattn truncate build` builds it."""
     from litattn.data import TextFiles
-    from litattn.truncation import build
+    from litattn.truncation.cli import build
 
     data = TextFiles(train_dirs=[root / "text"], val_fraction=0.5)
     out = root / "importance.json"

@@ -12,8 +12,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 # the installed package -> its folder (pyproject's package-dir: pretrain/ and finetune/ install inside litattn)
 PACKAGES = {"litattn": ROOT / "litattn", "litattn.pretrain": ROOT / "pretrain", "litattn.finetune": ROOT / "finetune"}
@@ -143,14 +141,12 @@ def test_the_map_reads_function_level_and_relative_imports_and_skips_type_checki
     assert [(m, t) for m, t, _ in inner] == [("litattn.sub.b", "litattn.a")]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21: circles being removed")
 def test_the_package_has_no_import_circles():
     arrows, _ = import_map()
     assert len(arrows) > 40 and "litattn.model" in arrows and "litattn.pretrain.pretrain" in arrows
     assert circles(arrows) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21: circles being removed")
 def test_imports_sit_at_the_top_of_each_module():
     """Except heavy optional dependencies (matplotlib, transformers), loaded by the commands that plot or convert."""
     _, inner = import_map()

@@ -163,7 +163,7 @@ def test_live_truncation_scores_each_prompt_with_the_scorer_in_windows(tok, exam
     scorer = PromptScorer("attention_live", None, checkpoint, tok, [])
     prompt = np.array(tok.encode(" ".join(WORDS * 3)))  # 3 windows of 16, the last one shorter
     got = scorer.scores([prompt[:5], prompt])
-    model = scorer.model
+    model = scorer.live.model
     for ids, scores in zip([prompt[:5], prompt], got, strict=True):
         expected = [token_scores(model, torch.as_tensor(w, dtype=torch.long)[None])[0] for w in np.split(
             ids, range(16, len(ids), 16))]  # fmt: skip
@@ -209,7 +209,7 @@ def test_generate_truncates_a_long_prompt_to_the_budget(tok, scorer_checkpoint, 
     prompt = " ".join(WORDS * 2)
     ids = tok.encode(prompt)
     assert len(ids) > 12
-    model = PromptScorer("attention_live", None, scorer_checkpoint, tok, []).model
+    model = PromptScorer("attention_live", None, scorer_checkpoint, tok, []).live.model
     scores = {
         "left": torch.arange(len(ids), dtype=torch.float32),
         "attention_live": windowed_token_scores(model, [torch.tensor(ids)])[0],

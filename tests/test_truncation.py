@@ -24,8 +24,6 @@ from litattn.truncation import (
     Protect,
     ScoreObserver,
     VisibleQueries,
-    apply,
-    build,
     build_frequency,
     build_importance,
     partial_path,
@@ -34,6 +32,7 @@ from litattn.truncation import (
     truncate_live,
     zeroed_queries,
 )
+from litattn.truncation.cli import apply, build
 
 T = 11  # not a multiple of the query chunks the tests force (3 and 4)
 
@@ -488,7 +487,7 @@ def test_build_and_apply_entry_points(tiny_checkpoint, tmp_path, capsys):
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     report = apply(jsonl, tmp_path / "short.jsonl", 200, tmp_path / "imp.json", tiny_checkpoint)
     out = [json.loads(line) for line in (tmp_path / "short.jsonl").read_text().splitlines()]
-    from litattn.truncation import _example_length
+    from litattn.truncation.cli import _example_length
 
     assert [r["id"] for r in out] == [1, 2, 3] and out[1:] == records[1:]
     assert out[0]["instruction"] == records[0]["instruction"] and out[0]["output"] == records[0]["output"]

@@ -45,7 +45,7 @@ from litattn.attention.base import (
     rotate_half_rope,
 )
 from litattn.attention.kernels import attend_parts_cpu
-from litattn.attention.registry import register_attention
+from litattn.attention.registry import parse_options, register_attention
 
 if TYPE_CHECKING:
     from litattn.config import Config
@@ -345,8 +345,6 @@ class SelfExtendAttention(nn.Module):
 
 def _checked_options(owner: str, group_size: int, window: int) -> tuple[int, int]:
     """group_size and window checked as the registry checks them in a model config (integers >= 1)."""
-    from litattn.attention.registry import parse_options
-
     try:
         options = parse_options(SelfExtend, {"group_size": group_size, "window": window})
     except ValueError as e:

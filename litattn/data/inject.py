@@ -59,14 +59,14 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from litattn import tokens as tk
-from litattn.args import check_range, check_seed
+from litattn.args import check_choice, check_range, check_seed
 from litattn.data.base import DataModule, EpochDataset
 from litattn.data.wrapping import wrapped_data
 from litattn.set_tokens import SETRedraw
@@ -98,7 +98,7 @@ class DisruptPlacement:
     """Also one before each token (but the first) with this probability, in [0, 1]."""
 
     def __post_init__(self) -> None:
-        _check_choice("disrupt.every", self.every, DisruptEvery, null=True)
+        check_choice("disrupt.every", self.every, DisruptEvery, null=True)
         _check_bool("disrupt.window_start", self.window_start)
         if isinstance(self.every_n_tokens, bool) or not isinstance(self.every_n_tokens, (int, type(None))):
             raise ValueError(
@@ -147,8 +147,8 @@ class SETPlacement:
     """Keep the pool's rows out of training: they hold their drawn values between re-draws."""
 
     def __post_init__(self) -> None:
-        _check_choice("set.after", self.after, SetAfter)
-        _check_choice("set.kind", self.kind, SetKind)
+        check_choice("set.after", self.after, SetAfter)
+        check_choice("set.kind", self.kind, SetKind)
         if self.redraw != "epoch" and self.redraw is not None:
             if isinstance(self.redraw, bool) or not isinstance(self.redraw, int):
                 raise ValueError(f"set.redraw must be 'epoch', a number of steps or null, got {self.redraw!r}")
@@ -521,14 +521,6 @@ def _placement(cls, value: Any, name: str):
     if unknown:
         raise ValueError(f"{name} has no option {unknown[0]!r}; its options are {', '.join(known)}")
     return cls(**value)
-
-
-def _check_choice(name: str, value: Any, choices, null: bool = False) -> None:
-    allowed = list(get_args(choices))
-    if value is None and null:
-        return
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}{' (or null)' if null else ''}, got {value!r}")
 
 
 def _check_bool(name: str, value: Any) -> None:

@@ -26,24 +26,11 @@ from torch.utils.data import Dataset
 
 from litattn.data import prompt_truncation
 from litattn.data.base import DataModule
+from litattn.data.prompt_template import ALPACA_PROMPT, format_prompt
 from litattn.data.prompt_truncation import SCORED
 from litattn.data.text_files import held_out
 from litattn.tokenizer import Tokenizer
 from litattn.utils import atomic_write, content_key, remove_stale_temps
-
-ALPACA_PROMPT: dict[str, str] = {
-    "input": (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-    ),
-    "no_input": (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Response:\n"
-    ),
-}
-"""The prompt template (Alpaca style): the variant with an input when an example has one, else the shorter one."""
 
 Truncation = Literal["right", "left", "attention", "attention_live", "idf", "input_right", "input_left"]
 """How an example longer than seq_len + 1 tokens is cut: "right" drops the end of the response, "left" the start
@@ -70,13 +57,6 @@ class Example:
 
     def prompt(self) -> str:
         return format_prompt(self.instruction, self.input)
-
-
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The prompt the model sees before its response (also what `litattn generate` should send a finetuned model)."""
-    if input:
-        return ALPACA_PROMPT["input"].format(instruction=instruction, input=input)
-    return ALPACA_PROMPT["no_input"].format(instruction=instruction)
 
 
 def check_truncation(strategy: str) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from litattn import passkey as pk
+from litattn import passkey_prompts as pk
 from litattn.args import check_range, check_seed
 from litattn.data.base import DataModule, TokenWindows, item_index
 from litattn.data.text_files import _unit_hash

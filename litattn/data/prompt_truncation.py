@@ -30,7 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from litattn.data.prompt_template import ALPACA_PROMPT
 from litattn.tokenizer import Tokenizer
+from litattn.truncation import Importance, Protect, build_frequency, truncate
+from litattn.truncation.scores import CheckpointScorer
 from litattn.utils import content_key, file_digest
 
 SCORED = ("attention", "attention_live", "idf", "input_right", "input_left")
@@ -59,8 +62,6 @@ def protected_spans(examples: Sequence, tokenizer: Tokenizer, protect_instructio
     """(N, 2) tokens protected at the start and at the end of each example's prompt: the template before the
     droppable text (with `protect_instruction`, the instruction and, when there is an input, its header) and
     the template after it."""
-    from litattn.data.instructions import ALPACA_PROMPT
-
     heads, tails = [], []
     for e in examples:
         if e.input:  # the input goes (with protect_instruction False, the instruction and the input's header too)
@@ -87,8 +88,6 @@ def fit(
     """Cut one example to at most max_len tokens: the prompt's lowest-scoring unprotected tokens first, then, if
     still too long, the end of the response. scores (len(prompt),): None when the example already fits.
     Returns (prompt, response), with `return_positions` also each kept token's position in the uncut example."""
-    from litattn.truncation import Protect, truncate
-
     kept = np.arange(len(prompt))
     if len(prompt) + len(response) > max_len:
         protected = min(len(prompt), head + tail)
@@ -111,23 +110,22 @@ POSITIONAL = {"input_right": -1.0, "input_left": 1.0}
 """The positional strategies: the sign of each token's position as its score (later tokens go first / last)."""
 
 
-def prompt_scores(strategy: str, prompts: Sequence, importance=None, model=None) -> list[torch.Tensor]:
-    """One (len,) float tensor of token scores per prompt (ids): by position (`POSITIONAL`), by `model` on each
-    prompt itself in windows of its context (attention_live), else by the `importance` dictionary."""
+def prompt_scores(strategy: str, prompts: Sequence, importance=None, live=None) -> list[torch.Tensor]:
+    """One (len,) float tensor of token scores per prompt (ids): by position (`POSITIONAL`), by the `live` scorer
+    (prompts -> scores, e.g. `CheckpointScorer.scores`) on each prompt itself (attention_live), else by the
+    `importance` dictionary."""
     prompts = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
     if strategy in POSITIONAL:
         return [POSITIONAL[strategy] * torch.arange(len(p), dtype=torch.float32) for p in prompts]
     if strategy == "attention_live":
-        from litattn.truncation import windowed_token_scores
-
-        return windowed_token_scores(model, prompts)
+        return live(prompts)
     return [importance.scores_of(p) for p in prompts]
 
 
 class PromptScorer:
     """The scores of one data module's strategy (`scores(prompts)`) and what its cache key holds of them. The
-    scorer checkpoint's weights load, and idf counts the training prompts, only when scores are asked for (a
-    cached cut needs neither)."""
+    scorer checkpoint's weights load (in `CheckpointScorer`), and idf counts the training prompts, only when scores
+    are asked for (a cached cut needs neither)."""
 
     def __init__(
         self,
@@ -137,19 +135,13 @@ class PromptScorer:
         tokenizer: Tokenizer,
         train_prompts: Sequence[np.ndarray],
     ) -> None:
-        from litattn.truncation import Importance
-
-        self.strategy, self.importance, self._scorer, self._model = strategy, None, scorer, None
+        self.strategy, self.importance, self.live = strategy, None, None
         self._train_prompts = train_prompts
         if strategy in POSITIONAL:
             self.key = [strategy]
         elif strategy == "attention_live":
-            if Tokenizer(Path(scorer)).fingerprint() != tokenizer.fingerprint():
-                raise ValueError(
-                    f"scorer {str(scorer)!r} has another tokenizer than the data's: score with a checkpoint of the "
-                    "same tokenizer (e.g. the one being finetuned)"
-                )
-            self.key = ["live", _weights_digest(Path(scorer))]
+            self.live = CheckpointScorer(Path(scorer), tokenizer)
+            self.key = ["live", self.live.digest]
         elif importance is not None:
             self.importance = Importance.load(importance)
             self.importance.check_tokenizer(tokenizer)
@@ -157,29 +149,10 @@ class PromptScorer:
         else:  # idf of the training prompts
             self.key = [strategy, "train-prompts"]
 
-    @property
-    def model(self):
-        """The scorer checkpoint's model (attention_live), loaded on first use."""
-        if self._model is None:
-            from litattn.checkpoint import load_with_tokenizer
-
-            self._model = load_with_tokenizer(Path(self._scorer), torch.device("cpu"))[0]
-        return self._model
-
     def scores(self, prompts: Sequence[np.ndarray]) -> list[torch.Tensor]:
         if self.strategy == "idf" and self.importance is None:
-            from litattn.truncation import build_frequency
-
             self.importance = build_frequency(list(self._train_prompts))
-        model = self.model if self.strategy == "attention_live" else None
-        return prompt_scores(self.strategy, prompts, self.importance, model)
-
-
-def _weights_digest(checkpoint_dir: Path) -> str:
-    weights = checkpoint_dir / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"scorer {str(checkpoint_dir)!r} has no model.safetensors: pass a checkpoint directory")
-    return file_digest(weights)
+        return prompt_scores(self.strategy, prompts, self.importance, self.live and self.live.scores)
 
 
 def cache_key(scorer: PromptScorer, tokens_path: Path, seq_len: int, protect_instruction: bool) -> str:
