@@ -30,9 +30,9 @@ from lightning_fabric import Fabric
 from litattn.args import check_range, start_work
 from litattn.checkpoint import load_with_tokenizer, weights_dtype
 from litattn.data import DataModule, StdlibCorpus, TokenWindows
-from litattn.loop import validation_loss
 from litattn.streaming import SinkWindowCache, check_streamable
 from litattn.utils import atomic_write_text, progress_bar
+from litattn.validation import validation_loss
 
 
 def perplexity(

@@ -22,12 +22,10 @@ random draws the uninterrupted run would have had.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 import types
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -42,26 +40,27 @@ from litattn import checkpoint as ckpt
 from litattn import run_dir
 from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs, start_work
 from litattn.config import Config
-from litattn.cpu import describe_machine, format_flops, warn_if_slow_bf16
+from litattn.cpu import warn_if_slow_bf16
 from litattn.csv_log import CSVLogger
 from litattn.data import DataModule
-from litattn.generate import generate
 from litattn.hooks import HookContext, TrainingHook
 from litattn.plan import TrainingPlan
+from litattn.run_summary import write_summary
+from litattn.sampling import sample_prompt, write_sample
 from litattn.tokenizer import Tokenizer
+from litattn.train_state import TrainState
 from litattn.training import (
     Interrupted,
     StopSignal,
     Throughput,
     collate,
     epoch_order,
-    flops_per_token,
     lr_at,
     make_optimizer,
-    peak_memory_bytes,
     set_lr,
 )
-from litattn.utils import WriteError, atomic_write_text, write_failure
+from litattn.utils import WriteError
+from litattn.validation import attention_batch, may_trim, unwrap, validation_loss
 
 
 @dataclass
@@ -213,19 +212,19 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
     tokenizer, train_data, val_data = _prepare_data(fabric, plan, data, run, resume_dir)
     b = _batching(fabric, train, config, len(train_data))
     model, optimizer = _build(fabric, plan, run, resuming=resume_dir is not None)
-    state = new_state()
+    state = TrainState()
     saved_steps: dict[str, int] = {}  # checkpoint directory name -> the step it holds (this run's saves)
     if resume_dir is not None:
-        _load_resumable(plan, resume_dir, unwrap(model), optimizer, state)
-        fabric.print(f"Resumed from {resume_dir} at step {state['step']} (epoch {state['epoch']})")
-        saved_steps[resume_dir.name] = state["step"]
+        state = _load_resumable(plan, resume_dir, unwrap(model), optimizer)
+        fabric.print(f"Resumed from {resume_dir} at step {state.step} (epoch {state.epoch})")
+        saved_steps[resume_dir.name] = state.step
     hooks = training_hooks(unwrap(model), data, run.hooks)
     throughput: Throughput | None = None  # this session's training time, from the loop's start
-    seconds_before = state["train_seconds"]  # the earlier sessions' (None: unknown)
+    seconds_before = state.train_seconds  # the earlier sessions' (None: unknown)
 
     def save(name: str) -> None:
         if throughput is not None and not training_done:  # after training, the figures stay those of its end
-            _account(state, seconds_before, throughput.elapsed, fabric.device)
+            state.account(seconds_before, throughput.elapsed, fabric.device)
         if fabric.global_rank == 0:
             ckpt.save_checkpoint(
                 out_dir / name,
@@ -236,28 +235,26 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
                 training_state={**_training_state(optimizer, state, seed), **plan.resume_state(unwrap(model))},
             )
         fabric.barrier()
-        saved_steps[name] = state["step"]
+        saved_steps[name] = state.step
 
     def validate(max_iters: int | None) -> float:
         """The validation loss, logged with the step's tokens and kept in the state (so checkpoints carry it);
         a signal cuts it short."""
         with stop.section():
             loss = validation_loss(fabric, model, val_data, b.micro, max_iters)
-            fabric.log_dict(
-                {"val_loss": loss, "val_ppl": math.exp(loss), "tokens": state["tokens"]}, step=state["step"]
-            )
-        state.update(val_loss=loss, val_step=state["step"], val_batches=max_iters)
+            fabric.log_dict({"val_loss": loss, "val_ppl": math.exp(loss), "tokens": state.tokens}, step=state.step)
+        state.val_loss, state.val_step, state.val_batches = loss, state.step, max_iters
         return loss
 
-    sample_prompt, sample_prefix_len = _sample_prompt(log, tokenizer, val_data)
+    prompt_ids, sample_prefix_len = sample_prompt(log, tokenizer, val_data)
 
-    def write_sample() -> None:
-        if sample_prompt is not None and fabric.global_rank == 0:
-            _sample(unwrap(model), tokenizer, sample_prompt, log.sample_tokens, seed, sample_prefix_len)
+    def sample() -> None:
+        if prompt_ids is not None and fabric.global_rank == 0:
+            write_sample(unwrap(model), tokenizer, prompt_ids, log.sample_tokens, seed, sample_prefix_len)
             model.train()
 
     def call_hooks(event: str) -> None:
-        ctx = HookContext(unwrap(model), optimizer, state["epoch"], state["step"], seed, fabric)
+        ctx = HookContext(unwrap(model), optimizer, state.epoch, state.step, seed, fabric)
         for hook in hooks:
             getattr(hook, event)(ctx)
 
@@ -268,25 +265,25 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
     )
     throughput = Throughput()
     first_step_logged = False
-    progress = _progress(fabric, log, b.total_steps, state["step"])
+    progress = _progress(fabric, log, b.total_steps, state.step)
     training_done = False
     with StopSignal(interrupt_sections=b.world == 1) as stop:
         try:
-            if eval.initial_validation and state["step"] == 0:  # before training only, not at a resumed step
+            if eval.initial_validation and state.step == 0:  # before training only, not at a resumed step
                 val_loss = validate(eval.max_iters)
-                fabric.print(f"step {state['step']}: val loss {val_loss:.4f} (before training)")
+                fabric.print(f"step {state.step}: val loss {val_loss:.4f} (before training)")
             while not _done(state, train, b.total_steps, throughput):
-                if state["epoch_step"] == 0:  # a run resumed mid-epoch has this epoch's start in its checkpoint
+                if state.epoch_step == 0:  # a run resumed mid-epoch has this epoch's start in its checkpoint
                     call_hooks("on_epoch_start")
-                lr = lr_at(state["step"], run.optimizer, train.lr_warmup_steps, b.total_steps)
+                lr = lr_at(state.step, run.optimizer, train.lr_warmup_steps, b.total_steps)
                 set_lr(optimizer, lr)
                 if hasattr(train_data, "set_epoch"):  # datasets whose items depend on the epoch (token injection)
-                    train_data.set_epoch(state["epoch"])
+                    train_data.set_epoch(state.epoch)
                 loss_sum, counts = _forward_backward(fabric, model, train_data, _step_windows(state, b, seed), b, train)
                 if not torch.isfinite(loss_sum):
                     progress.close()
                     fabric.print(
-                        f"Loss is {loss_sum.item()} at step {state['step']}: stopping. The last good checkpoint is "
+                        f"Loss is {loss_sum.item()} at step {state.step}: stopping. The last good checkpoint is "
                         "kept; lower optimizer.lr or raise train.lr_warmup_steps, then --resume auto"
                     )
                     fabric.logger.finalize("failed")
@@ -297,58 +294,58 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
                 optimizer.zero_grad(set_to_none=True)
                 if b.world > 1:
                     counts = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").cpu()
-                state["step"] += 1
-                state["epoch_step"] += 1
-                state["tokens"] += int(counts[0])
-                state["loss_tokens"] += int(counts[1])
+                state.step += 1
+                state.epoch_step += 1
+                state.tokens += int(counts[0])
+                state.loss_tokens += int(counts[1])
                 throughput.tokens += int(counts[0])
                 call_hooks("on_step_end")
-                if state["epoch_step"] >= b.steps_per_epoch:
-                    state["epoch"] += 1
-                    state["epoch_step"] = 0
+                if state.epoch_step >= b.steps_per_epoch:
+                    state.epoch += 1
+                    state.epoch_step = 0
                 if not first_step_logged:
                     fabric.print(f"First optimizer step done {time.perf_counter() - t0:.1f}s after start")
                     first_step_logged = True
 
-                if state["step"] % train.log_interval == 0 or state["step"] == b.total_steps:
+                if state.step % train.log_interval == 0 or state.step == b.total_steps:
                     train_loss = fabric.all_reduce(loss_sum / b.accum, reduce_op="mean").item()
                     metrics = {
                         "train_loss": train_loss,
                         "lr": lr,
-                        "tokens": state["tokens"],
-                        "loss_tokens": state["loss_tokens"],
-                        "epoch": state["epoch"],
+                        "tokens": state.tokens,
+                        "loss_tokens": state.loss_tokens,
+                        "epoch": state.epoch,
                         "tokens_per_sec": throughput.tokens_per_sec,
                     }
-                    fabric.log_dict(metrics, step=state["step"])
+                    fabric.log_dict(metrics, step=state.step)
                     progress.set_postfix(
                         loss=f"{train_loss:.3f}", tok_s=f"{throughput.tokens_per_sec:,.0f}", refresh=False
                     )
-                if eval.interval and state["step"] % eval.interval == 0:
+                if eval.interval and state.step % eval.interval == 0:
                     val_loss = validate(eval.max_iters)
-                    progress.write(f"step {state['step']}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
-                    if log.sample_at_validation and state["step"] != b.total_steps:  # the final sample follows
+                    progress.write(f"step {state.step}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
+                    if log.sample_at_validation and state.step != b.total_steps:  # the final sample follows
                         with stop.section():
-                            write_sample()
+                            sample()
                 progress.update(1)
-                if train.save_interval and state["step"] % train.save_interval == 0:
-                    save(ckpt.step_dir_name(state["step"]))
+                if train.save_interval and state.step % train.save_interval == 0:
+                    save(ckpt.step_dir_name(state.step))
                 if stop.should_stop(fabric):
                     raise Interrupted(stop.received)
             progress.close()
-            _account(state, seconds_before, throughput.elapsed, fabric.device)
+            state.account(seconds_before, throughput.elapsed, fabric.device)
             training_done = True
-            validated = eval.final_validation and not _validated_in_full(state)  # a resumed final/ may hold it
+            validated = eval.final_validation and not state.validated_in_full()  # a resumed final/ may hold it
             if validated:
                 validate(None)
-            if validated or saved_steps.get("final") != state["step"]:  # (not when resumed from final/ as it is)
+            if validated or saved_steps.get("final") != state.step:  # (not when resumed from final/ as it is)
                 save("final")
             if stop.should_stop(fabric):
                 raise Interrupted(stop.received)
             with stop.section():
-                _summary(fabric, unwrap(model), b.seq_len, state, out_dir)
+                write_summary(fabric, unwrap(model), b.seq_len, state, out_dir)
                 fabric.logger.finalize("success")
-                write_sample()
+                sample()
         except Interrupted:
             progress.close()
             return _stopped(fabric, stop, state, saved_steps, save, training_done, out_dir)
@@ -419,11 +416,11 @@ def training_hooks(model, data: DataModule, extra: Sequence[TrainingHook] = ()) 
     return [*(from_model() if from_model is not None else []), *data.training_hooks(), *extra]
 
 
-def _step_windows(state: dict, b: _Batching, seed: int) -> torch.Tensor:
+def _step_windows(state: TrainState, b: _Batching, seed: int) -> torch.Tensor:
     """The windows of the next optimizer step, (accum x world, micro): row `micro_step * world + rank` is one
     rank's micro-batch."""
-    order = epoch_order(b.n_windows, seed, state["epoch"])
-    start = state["epoch_step"] * b.global_batch
+    order = epoch_order(b.n_windows, seed, state.epoch)
+    start = state.epoch_step * b.global_batch
     return order[start : start + b.global_batch].view(b.accum * b.world, b.micro)
 
 
@@ -433,7 +430,7 @@ def _forward_backward(fabric, model, train_data, windows: torch.Tensor, b: _Batc
     loss_sum = torch.zeros((), device=fabric.device)
     counts = torch.zeros(2, dtype=torch.long)  # (tokens, loss tokens) of this step on this rank
     for micro_step in range(b.accum):
-        batch = collate(train_data, windows[micro_step * b.world + fabric.global_rank], trim=_may_trim(model))
+        batch = collate(train_data, windows[micro_step * b.world + fabric.global_rank], trim=may_trim(model))
         counts += torch.stack([torch.tensor(batch["input_ids"].numel()), (batch["labels"] != -100).sum()])
         batch = {k: v.to(fabric.device) for k, v in attention_batch(model, batch).items()}
         with fabric.no_backward_sync(model, enabled=micro_step < b.accum - 1):
@@ -447,21 +444,23 @@ def _forward_backward(fabric, model, train_data, windows: torch.Tensor, b: _Batc
     return loss_sum, counts
 
 
-def _stopped(fabric, stop: StopSignal, state: dict, saved_steps: dict, save, training_done: bool, out_dir: Path) -> int:
+def _stopped(
+    fabric, stop: StopSignal, state: TrainState, saved_steps: dict, save, training_done: bool, out_dir: Path
+) -> int:
     """Save what a signal interrupted (unless saved already) and say how to continue; the exit code."""
-    if state["step"] == 0:
+    if state.step == 0:
         fabric.print(f"Stopped by {stop.received} before the first optimizer step: nothing trained, nothing saved")
         fabric.logger.finalize("interrupted")
         return stop.exit_code
-    name = "final" if training_done else ckpt.step_dir_name(state["step"])
-    if saved_steps.get(name) != state["step"]:
+    name = "final" if training_done else ckpt.step_dir_name(state.step)
+    if saved_steps.get(name) != state.step:
         save(name)
         how = "continue with --resume auto"
         if training_done:
             how = "the final validation was skipped; --resume auto runs it"
-        fabric.print(f"Stopped by {stop.received}; saved {out_dir / name} (step {state['step']}): {how}")
+        fabric.print(f"Stopped by {stop.received}; saved {out_dir / name} (step {state.step}): {how}")
     else:
-        fabric.print(f"Stopped by {stop.received} after saving {out_dir / name} (step {state['step']})")
+        fabric.print(f"Stopped by {stop.received} after saving {out_dir / name} (step {state.step})")
     fabric.logger.finalize("interrupted")
     return 0
 
@@ -508,49 +507,6 @@ def run_tokenizer(tokenizer_dir: Path | None, checkpoint_dir: Path | None):
     return own
 
 
-@torch.no_grad()
-def validation_loss(fabric, model, val_data, micro_batch_size: int, max_iters: int | None) -> float:
-    """Mean loss per target token (labels != -100) over the validation sequences, split over ranks and
-    reduced: the same number `litattn evaluate` reports. For pretraining windows every position has a
-    target, so this is also the mean of window means.
-
-    max_iters limits the work to max_iters micro-batches per rank, taken evenly spaced over the whole split
-    (its first windows are one file, or one module's questions: no sample of the rest); None: every sequence.
-    """
-    model.eval()
-    n_all = len(val_data)
-    n = n_all if max_iters is None else min(n_all, max_iters * micro_batch_size * fabric.world_size)
-    chosen = torch.linspace(0, n_all - 1, n).round().long() if n < n_all else torch.arange(n_all)
-    total = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # (sum of token losses, target tokens)
-    mine = chosen[fabric.global_rank :: fabric.world_size]
-    for chunk in mine.split(micro_batch_size):
-        batch = collate(val_data, chunk, trim=_may_trim(model))
-        batch = {k: v.to(fabric.device) for k, v in attention_batch(model, batch).items()}
-        idx, labels = batch.pop("input_ids"), batch.pop("labels")
-        logits = model(idx, **batch).float()
-        loss_sum = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-        )
-        total += torch.stack([loss_sum.double(), (labels != -100).sum().double()])
-    total = fabric.all_reduce(total, reduce_op="sum")
-    model.train()
-    if total[1] == 0:
-        raise ValueError("The validation data has no target token (every label is -100); check the data module")
-    return (total[0] / total[1]).item()
-
-
-def attention_batch(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """input_ids, labels and the metadata the model's attention reads. Other keys (e.g. the `segment_ids` of
-    injected Disrupt tokens, under causal attention for a baseline on the same data) are dropped, with a
-    warning once: the same data runs with every mechanism."""
-    reads = unwrap(model).mechanism.metadata_keys
-    dropped = sorted(set(batch) - {"input_ids", "labels", *reads})
-    if dropped:
-        name = unwrap(model).config.attention["name"]
-        warnings.warn(f"the batch's {dropped} are not read by attention {name!r}; ignored", stacklevel=2)
-    return {k: v for k, v in batch.items() if k not in dropped}
-
-
 # ---------------------------------------------------------------------------------- helpers
 def _total_steps(train: TrainArgs, steps_per_epoch: int, tokens_per_step: int) -> int | None:
     limits = []
@@ -565,68 +521,22 @@ def _total_steps(train: TrainArgs, steps_per_epoch: int, tokens_per_step: int) -
     return min(limits) if limits else None
 
 
-def _done(state: dict, train: TrainArgs, total_steps: int | None, throughput: Throughput) -> bool:
-    if total_steps is not None and state["step"] >= total_steps:
+def _done(state: TrainState, train: TrainArgs, total_steps: int | None, throughput: Throughput) -> bool:
+    if total_steps is not None and state.step >= total_steps:
         return True
     return train.max_time is not None and throughput.elapsed >= train.max_time
 
 
-def unwrap(model):
-    """The module inside Fabric's (and DDP's) wrapper: the GPT itself; a bare model is returned as it is."""
-    return getattr(model, "module", model)
+def _training_state(optimizer, state: TrainState, seed: int) -> dict:
+    return {**state.as_dict(), "seed": seed, "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state()}
 
 
-def _may_trim(model) -> bool:
-    """Whether `collate` may drop trailing padding columns: the mechanism says so (causal attention)."""
-    return getattr(unwrap(model), "trailing_positions_independent", True)
-
-
-def new_state() -> dict[str, Any]:
-    """What a run counts, saved in every checkpoint: the position (step, epoch, step within the epoch), tokens
-    (input tokens processed, padding trimmed by `collate` excluded) and loss_tokens (those with a target); the
-    training seconds and peak memory over all sessions; the last validation (loss, step, batches: None = all)."""
-    return {
-        "step": 0,
-        "epoch": 0,
-        "epoch_step": 0,
-        "tokens": 0,
-        "loss_tokens": 0,
-        "train_seconds": 0.0,
-        "peak_memory_bytes": 0,
-        "val_loss": None,
-        "val_step": None,
-        "val_batches": None,
-    }
-
-
-_UNKNOWN_IF_MISSING = ("train_seconds", "peak_memory_bytes")
-"""Figures of earlier sessions that a checkpoint written before litattn recorded them cannot tell: None."""
-
-
-def _account(state: dict, seconds_before: float | None, session_seconds: float, device) -> None:
-    """Bring the cumulative figures up to now: training seconds (earlier sessions + this one) and peak memory."""
-    if seconds_before is not None:
-        state["train_seconds"] = seconds_before + session_seconds
-    if state["peak_memory_bytes"] is not None:
-        state["peak_memory_bytes"] = max(state["peak_memory_bytes"], peak_memory_bytes(device))
-
-
-def _validated_in_full(state: dict) -> bool:
-    """Whether the state's last validation covered the whole split at the current step."""
-    return state["val_loss"] is not None and state["val_batches"] is None and state["val_step"] == state["step"]
-
-
-def _training_state(optimizer, state: dict, seed: int) -> dict:
-    return {**state, "seed": seed, "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state()}
-
-
-def _load_resumable(plan: TrainingPlan, directory: Path, model, optimizer, state: dict) -> None:
+def _load_resumable(plan: TrainingPlan, directory: Path, model, optimizer) -> TrainState:
     saved = ckpt.load_training_state(directory)
     plan.restore(model, directory, saved)
     optimizer.load_state_dict(saved["optimizer"])
-    for key in state:
-        state[key] = saved.get(key, None if key in _UNKNOWN_IF_MISSING else state[key])
     ckpt.set_rng_state(saved["rng"])
+    return TrainState.from_checkpoint(saved)
 
 
 def _make_logger(log: LogArgs, out_dir: Path):
@@ -647,89 +557,6 @@ def _progress(fabric, log: LogArgs, total: int | None, initial: int):
         dynamic_ncols=True,
         disable=not log.progress_bar or fabric.global_rank != 0,
     )
-
-
-def _summary(fabric, model, seq_len: int, state: dict, out_dir: Path) -> None:
-    """Print the run's figures and write them to out_dir/summary.json (what `litattn ablate` tabulates). Time,
-    tokens/s and peak memory cover every session of a resumed run; a figure an earlier session did not record
-    is null (never 0)."""
-
-    seconds, memory = state["train_seconds"], state["peak_memory_bytes"]
-    tokens_per_sec = state["tokens"] / seconds if seconds else None
-    dtype = torch.bfloat16 if "bf16" in str(fabric.strategy.precision.precision) else torch.float32
-    machine = describe_machine(fabric.device)  # the CPU's ISA and both matmul peaks, measured once per process
-    peak = machine["matmul_peak_bf16" if dtype == torch.bfloat16 else "matmul_peak_fp32"]
-    mfu = flops_per_token(model, seq_len) * tokens_per_sec / fabric.world_size / peak if tokens_per_sec else None
-    val_loss, val_step, batches = state["val_loss"], state["val_step"], state["val_batches"]
-    if _validated_in_full(state):
-        val_label = "final val loss"
-    else:
-        val_label = f"last val loss ({batches or 'all'} batches, step {val_step})"
-    unknown = "unknown (an earlier session's checkpoint does not record it)"
-    fabric.print(
-        f"Done: {state['tokens']:,} tokens in "
-        + (f"{seconds:.1f}s = {tokens_per_sec:,.0f} tokens/s; " if tokens_per_sec else f"a training time {unknown}; ")
-        + (f"peak memory {memory / 2**30:.2f} GiB; " if memory is not None else f"peak memory {unknown}; ")
-        + (f"MFU {mfu:.1%} of {format_flops(peak)} measured matmul peak ({dtype}); " if mfu is not None else "")
-        + f"CPU {machine['cpu_isa']}{' (native bf16)' if machine['cpu_native_bf16'] else ''}, "
-        f"{fabric.device.type} matmul peaks fp32 {format_flops(machine['matmul_peak_fp32'])}, "
-        f"bf16 {format_flops(machine['matmul_peak_bf16'])}; "
-        + (f"{val_label} {val_loss:.4f} (ppl {math.exp(val_loss):.2f}); " if val_loss is not None else "")
-        + f"saved {out_dir / 'final'}"
-    )
-    summary = {
-        "step": state["step"],
-        "tokens": state["tokens"],
-        "epoch": state["epoch"],
-        "elapsed_s": seconds,
-        "tokens_per_sec": tokens_per_sec,
-        "peak_memory_bytes": memory,
-        "mfu": mfu,
-        **machine,
-        "val_loss": val_loss,
-        "val_loss_is": val_label if val_loss is not None else None,
-        "parameters": model.num_parameters(),
-        "mechanism_parameters": model.mechanism_parameters(),
-    }
-    if fabric.global_rank == 0:
-        path = out_dir / "summary.json"
-        try:
-            atomic_write_text(path, json.dumps(summary, indent=2))
-        except OSError as e:
-            raise WriteError(f"Could not write {path}: {write_failure(path, e)}") from e
-
-
-def _sample_prompt(log: LogArgs, tokenizer, val_data) -> tuple[list[int] | None, int | None]:
-    """The sample's prompt ids: log.sample_prompt, else the first validation example's prompt for instruction
-    data (whose items have one), else none; and its prefix length: the whole prompt when the data's items carry
-    `prefix_len` (as in training), else None."""
-    if log.sample_prompt is not None:
-        return tokenizer.encode(log.sample_prompt), None
-    if hasattr(val_data, "prompt_ids"):
-        ids = val_data.prompt_ids(0)
-        return ids, len(ids) if "prefix_len" in val_data[0] else None
-    return None, None
-
-
-def _sample(model, tokenizer, prompt_ids: list[int], max_tokens: int, seed: int, prefix_len: int | None = None) -> None:
-    max_tokens = min(max_tokens, model.max_seq_length - len(prompt_ids))
-    if max_tokens < 1:
-        print(f"(no sample: the {len(prompt_ids)}-token prompt fills the model's context)")
-        return
-    prompt = torch.tensor(prompt_ids, device=model.lm_head.weight.device)
-    generator = torch.Generator(device=prompt.device).manual_seed(seed)
-    print(f"\n--- sample ({max_tokens} tokens) ---\n{tokenizer.decode(prompt_ids)}", end="", flush=True)
-    out = generate(
-        model.eval(),
-        prompt,
-        max_tokens,
-        temperature=0.8,
-        top_k=50,
-        eos_id=tokenizer.eos_id,
-        generator=generator,
-        prefix_len=prefix_len,
-    )
-    print(tokenizer.decode(out[len(prompt) :].tolist()) + "\n---")
 
 
 def hyperparameters_of(arguments: dict[str, Any]) -> dict[str, Any]:

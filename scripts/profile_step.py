@@ -40,9 +40,9 @@ from litattn.args import OptimizerArgs
 from litattn.config import Config
 from litattn.cpu import detect_isa
 from litattn.data.base import TokenWindows
-from litattn.loop import attention_batch
 from litattn.model import GPT
 from litattn.training import collate, epoch_order, make_optimizer, parameter_groups
+from litattn.validation import attention_batch
 
 CATEGORIES = [
     "attention",

@@ -207,7 +207,7 @@ def test_validation_loss_is_the_mean_over_target_tokens():
     (nor of 16 positions, padding included)."""
     from lightning_fabric import Fabric
 
-    from litattn.loop import validation_loss
+    from litattn.validation import validation_loss
 
     config = resolve_model_config("tiny-llama", {"block_size": 16, "vocab_size": 64})
     model = GPT(config)
@@ -227,7 +227,7 @@ def test_validation_loss_is_the_mean_over_target_tokens():
 def test_limited_validation_reads_windows_spread_over_the_whole_split():
     from lightning_fabric import Fabric
 
-    from litattn.loop import validation_loss
+    from litattn.validation import validation_loss
 
     class Recorded(torch.utils.data.Dataset):
         def __init__(self):

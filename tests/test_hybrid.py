@@ -14,7 +14,7 @@ from litattn.attention.registry import normalize_attention_spec, split_spec
 from litattn.data.instructions import InstructionDataset
 from litattn.generate import generate
 from litattn.hooks import HookContext
-from litattn.loop import _sample_prompt
+from litattn.sampling import sample_prompt
 from litattn.training import collate, flops_per_token
 from reference import assert_same_gradients
 
@@ -398,7 +398,7 @@ def test_instruction_items_carry_the_prompt_as_prefix_and_trimming_keeps_the_los
         untrimmed = model.loss(full["input_ids"], full["labels"], prefix_len=full["prefix_len"])
     torch.testing.assert_close(trimmed, untrimmed, atol=1e-6, rtol=0)
     # the training loop's sample reads the prompt as its prefix too, as in training
-    assert _sample_prompt(LogArgs(sample_prompt=None), None, data) == ([5, 6, 7, 8], 4)
+    assert sample_prompt(LogArgs(sample_prompt=None), None, data) == ([5, 6, 7, 8], 4)
 
 
 # ---------------------------------------------------------------------------------- errors
