@@ -139,8 +139,8 @@ def launch_and_fit(
     """What the training entry points (pretrain, finetune) share once they have a plan and data: launch
     Fabric, run `fit`, exit with its code when it is not 0."""
     check_sequence_length(plan, train)
+    start_work()  # the argument checks end here (--print_config stops here); files are read from here on
     run_tokenizer(tokenizer_dir, plan.initial_checkpoint_dir)  # an unreadable or swapped one fails before any work
-    start_work()
     fabric = launch_fabric(out_dir, log, precision, accelerator, devices, num_nodes, strategy, seed)
     run = RunSpec(
         out_dir=out_dir,
