@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from litattn.args import check_range, check_seed, start_work
+from litattn.attention.hybrid import PREFIX_LEN
 from litattn.checkpoint import has_tokenizer, load_with_tokenizer
 from litattn.data.instructions import Example, format_prompt
 from litattn.data.prompt_truncation import prompt_scores, protected_spans
@@ -119,12 +120,12 @@ def generate(
     prompt = prompt.to(device=device, dtype=torch.long)
     vocab_size = model.config.vocab_size
     metadata = {}  # the prompt's attention metadata, for the prefill
-    if prefix_len is not None and "prefix_len" in model.mechanism.metadata_keys:
+    if prefix_len is not None and PREFIX_LEN in model.mechanism.metadata_keys:
         if not 0 <= prefix_len <= T:
             raise ValueError(f"prefix_len must be between 0 and the prompt's {T} tokens, got {prefix_len}")
         if streaming:
             check_prefix_streamable(model)
-        metadata["prefix_len"] = torch.tensor([prefix_len], device=device)
+        metadata[PREFIX_LEN] = torch.tensor([prefix_len], device=device)
     tokens = [prompt]
     if streaming:
         cache = SinkWindowCache(model, sink_size, stream_window)
@@ -216,7 +217,7 @@ TOO_LONG_WAYS = (
 
 def check_prefix_streamable(model) -> None:
     """A prompt prefix (hybrid's `prefix_len`, from --instruction) is read whole: it cannot be streamed."""
-    if "prefix_len" in model.mechanism.metadata_keys:
+    if PREFIX_LEN in model.mechanism.metadata_keys:
         raise ValueError(
             f"A prompt prefix (prefix_len, which attention {model.config.attention['name']!r} reads from "
             "--instruction) cannot be streamed: drop stream_window, or give the text as --prompt"

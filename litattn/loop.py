@@ -43,6 +43,7 @@ from litattn.config import Config
 from litattn.cpu import warn_if_slow_bf16
 from litattn.csv_log import CSVLogger
 from litattn.data import DataModule
+from litattn.data.base import EpochAware
 from litattn.hooks import HookContext, TrainingHook
 from litattn.plan import TrainingPlan
 from litattn.run_summary import write_summary
@@ -277,50 +278,20 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
                     call_hooks("on_epoch_start")
                 lr = lr_at(state.step, run.optimizer, train.lr_warmup_steps, b.total_steps)
                 set_lr(optimizer, lr)
-                if hasattr(train_data, "set_epoch"):  # datasets whose items depend on the epoch (token injection)
+                if isinstance(train_data, EpochAware):  # items that depend on the epoch (token injection)
                     train_data.set_epoch(state.epoch)
                 loss_sum, counts = _forward_backward(fabric, model, train_data, _step_windows(state, b, seed), b, train)
                 if not torch.isfinite(loss_sum):
                     progress.close()
-                    fabric.print(
-                        f"Loss is {loss_sum.item()} at step {state.step}: stopping. The last good checkpoint is "
-                        "kept; lower optimizer.lr or raise train.lr_warmup_steps, then --resume auto"
-                    )
-                    fabric.logger.finalize("failed")
-                    return 1
-                if train.max_norm:
-                    fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if b.world > 1:
-                    counts = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").cpu()
-                state.step += 1
-                state.epoch_step += 1
-                state.tokens += int(counts[0])
-                state.loss_tokens += int(counts[1])
-                throughput.tokens += int(counts[0])
+                    return _diverged(fabric, loss_sum, state)
+                throughput.tokens += _optimizer_step(fabric, model, optimizer, counts, state, b, train.max_norm)
                 call_hooks("on_step_end")
-                if state.epoch_step >= b.steps_per_epoch:
-                    state.epoch += 1
-                    state.epoch_step = 0
+                state.end_step(b.steps_per_epoch)
                 if not first_step_logged:
                     fabric.print(f"First optimizer step done {time.perf_counter() - t0:.1f}s after start")
                     first_step_logged = True
-
                 if state.step % train.log_interval == 0 or state.step == b.total_steps:
-                    train_loss = fabric.all_reduce(loss_sum / b.accum, reduce_op="mean").item()
-                    metrics = {
-                        "train_loss": train_loss,
-                        "lr": lr,
-                        "tokens": state.tokens,
-                        "loss_tokens": state.loss_tokens,
-                        "epoch": state.epoch,
-                        "tokens_per_sec": throughput.tokens_per_sec,
-                    }
-                    fabric.log_dict(metrics, step=state.step)
-                    progress.set_postfix(
-                        loss=f"{train_loss:.3f}", tok_s=f"{throughput.tokens_per_sec:,.0f}", refresh=False
-                    )
+                    _log_training(fabric, progress, loss_sum / b.accum, lr, state, throughput)
                 if eval.interval and state.step % eval.interval == 0:
                     val_loss = validate(eval.max_iters)
                     progress.write(f"step {state.step}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
@@ -442,6 +413,45 @@ def _forward_backward(fabric, model, train_data, windows: torch.Tensor, b: _Batc
             fabric.backward(loss / b.accum)
         loss_sum += loss.detach()
     return loss_sum, counts
+
+
+def _optimizer_step(fabric, model, optimizer, counts: torch.Tensor, state: TrainState, b: _Batching, max_norm) -> int:
+    """Clip, step, and count the step's tokens into the state (summed over ranks); returns the tokens read."""
+    if max_norm:
+        fabric.clip_gradients(model, optimizer, max_norm=max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if b.world > 1:
+        counts = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").cpu()
+    state.step += 1
+    state.epoch_step += 1
+    state.tokens += int(counts[0])
+    state.loss_tokens += int(counts[1])
+    return int(counts[0])
+
+
+def _diverged(fabric, loss_sum: torch.Tensor, state: TrainState) -> int:
+    fabric.print(
+        f"Loss is {loss_sum.item()} at step {state.step}: stopping. The last good checkpoint is "
+        "kept; lower optimizer.lr or raise train.lr_warmup_steps, then --resume auto"
+    )
+    fabric.logger.finalize("failed")
+    return 1
+
+
+def _log_training(fabric, progress, loss: torch.Tensor, lr: float, state: TrainState, throughput: Throughput) -> None:
+    """The step's training loss (the mean over ranks) and counters, to the logger and the progress bar."""
+    train_loss = fabric.all_reduce(loss, reduce_op="mean").item()
+    metrics = {
+        "train_loss": train_loss,
+        "lr": lr,
+        "tokens": state.tokens,
+        "loss_tokens": state.loss_tokens,
+        "epoch": state.epoch,
+        "tokens_per_sec": throughput.tokens_per_sec,
+    }
+    fabric.log_dict(metrics, step=state.step)
+    progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{throughput.tokens_per_sec:,.0f}", refresh=False)
 
 
 def _stopped(

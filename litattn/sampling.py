@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from litattn.args import LogArgs
+from litattn.attention.hybrid import PREFIX_LEN
+from litattn.data.base import HasPrompts
 from litattn.generate import generate
 
 
@@ -14,9 +16,9 @@ def sample_prompt(log: LogArgs, tokenizer, val_data) -> tuple[list[int] | None, 
     `prefix_len` (as in training), else None."""
     if log.sample_prompt is not None:
         return tokenizer.encode(log.sample_prompt), None
-    if hasattr(val_data, "prompt_ids"):
+    if isinstance(val_data, HasPrompts):
         ids = val_data.prompt_ids(0)
-        return ids, len(ids) if "prefix_len" in val_data[0] else None
+        return ids, len(ids) if PREFIX_LEN in val_data[0] else None
     return None, None
 
 

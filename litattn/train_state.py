@@ -40,6 +40,12 @@ class TrainState:
             setattr(state, f.name, saved.get(f.name, None if f.name in cls.UNKNOWN_IF_MISSING else f.default))
         return state
 
+    def end_step(self, steps_per_epoch: int) -> None:
+        """After a step: the next one starts a new epoch when this one ended the epoch."""
+        if self.epoch_step >= steps_per_epoch:
+            self.epoch += 1
+            self.epoch_step = 0
+
     def account(self, seconds_before: float | None, session_seconds: float, device) -> None:
         """Bring the cumulative figures up to now: training seconds (earlier sessions + this one) and peak memory."""
         if seconds_before is not None:

@@ -49,13 +49,18 @@ class DisruptSETOptions(AttentionOptions):
     tokenizer (id 2); set it for a tokenizer that gives the token another id (e.g. one added to a converted one)."""
 
 
+SEGMENT_IDS = "segment_ids"
+"""The batch metadata key of each token's segment: written by token injection (litattn/data/inject.py) or derived
+here from the token ids, read by this mechanism."""
+
+
 @register_attention("disrupt_set")
 class DisruptSET(AttentionMechanism):
     """Causal attention within segments started by Disrupt tokens, plus attention sinks."""
 
     Options = DisruptSETOptions
-    metadata_keys = {"segment_ids": "(B, T) long: the segment of each token (a Disrupt token starts one)"}
-    cached_extras = {"segment_ids": torch.long}
+    metadata_keys = {SEGMENT_IDS: "(B, T) long: the segment of each token (a Disrupt token starts one)"}
+    cached_extras = {SEGMENT_IDS: torch.long}
 
     def __init__(self, config: Config, block_idx: int, options: DisruptSETOptions):
         super().__init__(config, block_idx, options)
@@ -72,34 +77,34 @@ class DisruptSET(AttentionMechanism):
     def prepare_context(self, ctx: AttentionContext) -> None:
         """Segment ids from the token ids unless the batch gives them; when decoding, counting on from the
         segment of the cached token before the first new one."""
-        if "segment_ids" in ctx.metadata:
-            given, shape = ctx.metadata["segment_ids"], tuple(ctx.idx.shape)
-            ctx.metadata["segment_ids"] = integer_metadata(
-                "disrupt_set", "segment_ids", given, shape, "one per token of the batch", ctx.idx.device
+        if SEGMENT_IDS in ctx.metadata:
+            given, shape = ctx.metadata[SEGMENT_IDS], tuple(ctx.idx.shape)
+            ctx.metadata[SEGMENT_IDS] = integer_metadata(
+                "disrupt_set", SEGMENT_IDS, given, shape, "one per token of the batch", ctx.idx.device
             )
             return
         segments = (ctx.idx == self.disrupt_id).long().cumsum(dim=1)  # (B, T)
         if ctx.input_pos is not None and self.kv_cache is not None:
             first = int(ctx.input_pos[0])
             if first > 0:
-                segments = segments + self.kv_cache.extras["segment_ids"][: ctx.idx.shape[0], first - 1, None]
-        ctx.metadata["segment_ids"] = segments
+                segments = segments + self.kv_cache.extras[SEGMENT_IDS][: ctx.idx.shape[0], first - 1, None]
+        ctx.metadata[SEGMENT_IDS] = segments
 
     def cache_values(self, ctx: AttentionContext, batch_size: int) -> dict[str, torch.Tensor]:
-        return {**super().cache_values(ctx, batch_size), "segment_ids": ctx.metadata["segment_ids"]}
+        return {**super().cache_values(ctx, batch_size), SEGMENT_IDS: ctx.metadata[SEGMENT_IDS]}
 
     def _key_segments(self, ctx: AttentionContext) -> torch.Tensor:
         """(B, S) the segment of each key slot."""
-        q_seg = ctx.metadata["segment_ids"]
+        q_seg = ctx.metadata[SEGMENT_IDS]
         if ctx.input_pos is None:
             return q_seg
-        return self.kv_cache.extras["segment_ids"][: q_seg.shape[0], : ctx.kv_len]
+        return self.kv_cache.extras[SEGMENT_IDS][: q_seg.shape[0], : ctx.kv_len]
 
     def _segmented(self, ctx: AttentionContext) -> bool:
         """Whether any query and key differ in segment (else this is causal attention). One check per forward."""
 
         def check() -> bool:
-            q_seg, k_seg = ctx.metadata["segment_ids"], self._key_segments(ctx)
+            q_seg, k_seg = ctx.metadata[SEGMENT_IDS], self._key_segments(ctx)
             low = torch.minimum(q_seg.min(), k_seg.min()) if k_seg.numel() else q_seg.min()
             high = torch.maximum(q_seg.max(), k_seg.max()) if k_seg.numel() else q_seg.max()
             return bool(low != high)
@@ -113,7 +118,7 @@ class DisruptSET(AttentionMechanism):
             return base
 
         def build() -> masks.MaskMod:
-            q_seg, k_seg, slots = ctx.metadata["segment_ids"], self._key_segments(ctx), ctx.slots
+            q_seg, k_seg, slots = ctx.metadata[SEGMENT_IDS], self._key_segments(ctx), ctx.slots
             num_sink = self.options.num_sink
             causal = base or masks.causal(slots)
 

@@ -127,12 +127,17 @@ class HybridOptions(AttentionOptions):
     occurrence). None: `<|endthought|>` of a litattn tokenizer (id 21)."""
 
 
+PREFIX_LEN = "prefix_len"
+"""The batch metadata key of each row's prefix length: written by the prefix data modules (instruction data with
+`prefix: true`, SampledPrefix, PrefixTask) and `generate --instruction`, read by this mechanism."""
+
+
 @register_attention("hybrid")
 class HybridAttention(AttentionMechanism):
     """Hybrid attention: a bidirectional thought prefix refined over repeated layer iterations, then causal."""
 
     Options = HybridOptions
-    metadata_keys = {"prefix_len": "(B,) long: the first prefix_len tokens of each row are its bidirectional prefix"}
+    metadata_keys = {PREFIX_LEN: "(B,) long: the first prefix_len tokens of each row are its bidirectional prefix"}
     trailing_positions_independent = True  # collate's trimming never cuts a prefix (see the module docstring)
 
     def __init__(self, config: Config, block_idx: int, options: HybridOptions):
@@ -207,16 +212,16 @@ class HybridAttention(AttentionMechanism):
         """`prefix_len` (B,) from the batch, checked, or from the first `<|endthought|>` of each row."""
         B, T = ctx.idx.shape
         first = 0 if ctx.input_pos is None else int(ctx.input_pos[0])
-        given = ctx.metadata.get("prefix_len")
+        given = ctx.metadata.get(PREFIX_LEN)
         if given is None:
             if first == 0:
                 marks = ctx.idx == self.endthought_id
                 ends = marks.int().argmax(dim=1) + 1
-                ctx.metadata["prefix_len"] = torch.where(marks.any(dim=1), ends, 0).long()
+                ctx.metadata[PREFIX_LEN] = torch.where(marks.any(dim=1), ends, 0).long()
             else:  # decoding: the prefix, if any, is in the cache already
-                ctx.metadata["prefix_len"] = torch.zeros(B, dtype=torch.long, device=ctx.idx.device)
+                ctx.metadata[PREFIX_LEN] = torch.zeros(B, dtype=torch.long, device=ctx.idx.device)
             return
-        prefix_len = integer_metadata("hybrid", "prefix_len", given, (B,), "one per row", ctx.idx.device)
+        prefix_len = integer_metadata("hybrid", PREFIX_LEN, given, (B,), "one per row", ctx.idx.device)
         low, high = (int(v) for v in torch.stack([prefix_len.min(), prefix_len.max()])) if B else (0, 0)
         if low < 0:
             raise ValueError(f"hybrid: prefix_len must be >= 0, got {low}")
@@ -227,14 +232,14 @@ class HybridAttention(AttentionMechanism):
                 f"hybrid: prefix_len {high} reaches past slot {first}, where this forward starts: process a prefix "
                 "whole, in one forward from slot 0 (prefill the prompt at once)"
             )
-        ctx.metadata["prefix_len"] = prefix_len
+        ctx.metadata[PREFIX_LEN] = prefix_len
 
     def _extent(self, ctx: AttentionContext) -> int:
         """Columns 0 .. L-1 of this forward hold every row's prefix (L = max prefix_len); 0 when no query of this
         forward is in a prefix (no prefix, or decoding after it): then attention is exactly causal."""
 
         def build() -> int:
-            prefix_len = ctx.metadata.get("prefix_len")
+            prefix_len = ctx.metadata.get(PREFIX_LEN)
             if prefix_len is None or prefix_len.numel() == 0:
                 return 0
             if ctx.input_pos is not None and int(ctx.input_pos[0]) > 0:
@@ -250,7 +255,7 @@ class HybridAttention(AttentionMechanism):
             return base
 
         def build() -> masks.MaskMod:
-            prefix_len, slots = ctx.metadata["prefix_len"], ctx.slots
+            prefix_len, slots = ctx.metadata[PREFIX_LEN], ctx.slots
             visible = base or masks.causal(slots)
 
             def mask_mod(b, h, q_idx, kv_idx):
@@ -317,7 +322,7 @@ class HybridAttention(AttentionMechanism):
         targets = ctx.idx[:, 1 : z.shape[1]].masked_fill(~inside[:, 1:, 0], -100)  # a prefix token's successor
         score_ctx = dataclasses.replace(
             self._sub_context(ctx, z.shape[1]),
-            metadata={**ctx.metadata, "prefix_len": torch.zeros_like(ctx.metadata["prefix_len"])},
+            metadata={**ctx.metadata, PREFIX_LEN: torch.zeros_like(ctx.metadata[PREFIX_LEN])},
             observer=None,
             applied_blocks=[],
         )
@@ -362,7 +367,7 @@ class HybridAttention(AttentionMechanism):
     @staticmethod
     def _inside(ctx: AttentionContext, span: int) -> torch.Tensor:
         """(B, span, 1) bool: column i of the row lies in the row's prefix."""
-        prefix_len = ctx.metadata["prefix_len"]
+        prefix_len = ctx.metadata[PREFIX_LEN]
         return (torch.arange(span, device=prefix_len.device) < prefix_len[:, None]).unsqueeze(-1)
 
     @staticmethod

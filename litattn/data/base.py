@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -15,6 +15,21 @@ from litattn.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from litattn.hooks import TrainingHook
+
+
+@runtime_checkable
+class EpochAware(Protocol):
+    """A dataset whose items depend on the epoch (token injection, sampled prefixes): the training loop calls
+    `set_epoch(epoch)` before each step's batches."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+@runtime_checkable
+class HasPrompts(Protocol):
+    """A dataset of prompted examples (instruction data): the loop samples the first validation prompt."""
+
+    def prompt_ids(self, i: int) -> list[int]: ...
 
 
 class DataModule(ABC):
@@ -74,7 +89,7 @@ class EpochDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         if not self.fixed_epoch:
             self.epoch = int(epoch)
-        if hasattr(self.dataset, "set_epoch"):
+        if isinstance(self.dataset, EpochAware):
             self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:

@@ -67,7 +67,8 @@ from torch.utils.data import Dataset
 
 from litattn import tokens as tk
 from litattn.args import check_choice, check_range, check_seed
-from litattn.data.base import DataModule, EpochDataset
+from litattn.attention.disrupt_set import SEGMENT_IDS
+from litattn.data.base import DataModule, EpochDataset, HasPrompts
 from litattn.data.wrapping import wrapped_data
 from litattn.set_tokens import SETRedraw
 from litattn.tokenizer import Tokenizer
@@ -263,7 +264,7 @@ class InjectedDataset(EpochDataset):
     def prompt_ids(self):
         """`prompt_ids(i)`: item i's prompt as trained on (inserted tokens included), for datasets whose items
         have a prompt (instruction data; the training loop's sample). Absent (AttributeError) otherwise."""
-        if not hasattr(self.dataset, "prompt_ids"):
+        if not isinstance(self.dataset, HasPrompts):
             raise AttributeError(f"{type(self.dataset).__name__} items have no prompt")
         return self._prompt_ids
 
@@ -435,7 +436,7 @@ class Injector:
     def _finish(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         item = {"input_ids": input_ids, "labels": labels}
         if self.with_segment_ids:
-            item["segment_ids"] = tk.segment_ids(input_ids, self.disrupt_id)  # (seq_len,)
+            item[SEGMENT_IDS] = tk.segment_ids(input_ids, self.disrupt_id)  # (seq_len,)
         return item
 
 

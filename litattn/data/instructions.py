@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from litattn.attention.hybrid import PREFIX_LEN
 from litattn.data import prompt_truncation
 from litattn.data.base import DataModule
 from litattn.data.prompt_template import ALPACA_PROMPT, format_prompt
@@ -150,7 +151,7 @@ class InstructionDataset(Dataset):
         labels[:k] = tokens[1:]
         labels[: max(int(self.prompt_lens[i]) - 1, 0)] = IGNORE_INDEX  # positions whose target is still prompt
         if self.prefix:  # the prompt precedes every target, so collate's trimming never cuts it
-            return {"input_ids": input_ids, "labels": labels, "prefix_len": self.prompt_lens[i].clone()}
+            return {"input_ids": input_ids, "labels": labels, PREFIX_LEN: self.prompt_lens[i].clone()}
         return {"input_ids": input_ids, "labels": labels}
 
     def prompt_ids(self, i: int) -> list[int]:

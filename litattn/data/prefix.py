@@ -52,6 +52,7 @@ import torch
 from torch.utils.data import Dataset
 
 from litattn.args import check_range, check_seed
+from litattn.attention.hybrid import PREFIX_LEN
 from litattn.data.base import DataModule, EpochDataset
 from litattn.data.wrapping import wrapped_data
 from litattn.tokenizer import Tokenizer
@@ -190,7 +191,7 @@ class PrefixWindows(EpochDataset):
 
     def draw(self, item: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
         item = dict(item)
-        if "prefix_len" in item:
+        if PREFIX_LEN in item:
             raise ValueError("SampledPrefix got items that carry a prefix_len already; wrap pretraining windows")
         labels = item["labels"]
         if labels.ndim != 1:
@@ -202,7 +203,7 @@ class PrefixWindows(EpochDataset):
             labels = labels.clone()
             labels[: p - 1] = IGNORE_INDEX  # their targets are prefix tokens, which the prefix sees
         item["labels"] = labels
-        item["prefix_len"] = torch.tensor(p, dtype=torch.long)  # 0-dim: batches carry (B,)
+        item[PREFIX_LEN] = torch.tensor(p, dtype=torch.long)  # 0-dim: batches carry (B,)
         return item
 
     def __repr__(self) -> str:

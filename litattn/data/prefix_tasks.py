@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import Dataset
 
 from litattn.args import check_range, check_seed
+from litattn.attention.hybrid import PREFIX_LEN
 from litattn.data.base import DataModule
 from litattn.data.text_files import _unit_hash
 from litattn.tokenizer import Tokenizer, train_or_load_tokenizer
@@ -281,7 +282,7 @@ class PrefixTaskDataset(Dataset):
         input_ids[:k] = tokens[:-1]
         labels[:k] = tokens[1:]
         labels[: len(prefix) - 1] = IGNORE_INDEX  # their targets are prefix tokens, which the prefix sees
-        return {"input_ids": input_ids, "labels": labels, "prefix_len": torch.tensor(len(prefix), dtype=torch.long)}
+        return {"input_ids": input_ids, "labels": labels, PREFIX_LEN: torch.tensor(len(prefix), dtype=torch.long)}
 
     def prompt_ids(self, i: int) -> list[int]:
         """Item i's prefix: what a model is given to answer it (the training loop's sample)."""
