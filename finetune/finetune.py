@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from litattn import checkpoint as ckpt
-from litattn.args import EvalArgs, LogArgs, LoRAArgs, OptimizerArgs, TrainArgs, check_run_args, start_work
+from litattn.args import EvalArgs, LogArgs, LoRAArgs, OptimizerArgs, RuntimeArgs, TrainArgs, check_run_args, start_work
 from litattn.data import DataModule, PyDocQA
 from litattn.data.instructions import InstructionData, format_prompt
 from litattn.finetune.methods import Method, make_plan
@@ -40,14 +40,14 @@ def setup(
     optimizer: OptimizerArgs = OptimizerArgs(lr=1e-4, min_lr=1e-5, weight_decay=0.0),
     lora: LoRAArgs = LoRAArgs(),
     log: LogArgs = LogArgs(sample_prompt=None, sample_tokens=60, sample_at_validation=True),
-    precision: str = "32-true",
-    accelerator: str = "auto",
-    devices: int | str = 1,
-    num_nodes: int = 1,
-    strategy: str = "auto",
-    compile: bool = False,
-    seed: int = 42,
-    cache_dir: Path = Path("cache"),
+    precision: str = RuntimeArgs.precision,
+    accelerator: str = RuntimeArgs.accelerator,
+    devices: int | str = RuntimeArgs.devices,
+    num_nodes: int = RuntimeArgs.num_nodes,
+    strategy: str = RuntimeArgs.strategy,
+    compile: bool = RuntimeArgs.compile,
+    seed: int = RuntimeArgs.seed,
+    cache_dir: Path = RuntimeArgs.cache_dir,
 ) -> None:
     """Finetune a checkpoint.
 
@@ -97,8 +97,8 @@ def setup(
         log = replace(log, sample_prompt=format_prompt(log.sample_prompt))
     plan = make_plan(method, config, Path(checkpoint_dir), lora)
 
+    runtime = RuntimeArgs(precision, accelerator, devices, num_nodes, strategy, compile, seed, cache_dir)
     launch_and_fit(
         plan, data, Path(checkpoint_dir), hyperparameters, out_dir=out_dir, resume=resume, overwrite=overwrite,
-        train=train, eval=eval, optimizer=optimizer, log=log, precision=precision, accelerator=accelerator,
-        devices=devices, num_nodes=num_nodes, strategy=strategy, compile=compile, seed=seed, cache_dir=cache_dir,
+        train=train, eval=eval, optimizer=optimizer, log=log, runtime=runtime,
     )  # fmt: skip

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 MAX_SEED = 2**32 - 1
@@ -305,3 +306,21 @@ def check_indexes(requested: list[int] | None, n: int, what: str) -> list[int]:
             "from the end)"
         )
     return [i % n for i in requested]
+
+
+@dataclass
+class RuntimeArgs:
+    """Where and how a training run computes, shared by pretrain, finetune and the loop. The entry points take
+    these as flat command-line arguments (`--precision bf16-mixed`, as Lit-GPT's do), their defaults from here."""
+
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    compile: bool = False
+    seed: int = 42
+    cache_dir: Path = Path("cache")
+
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cache_dir)

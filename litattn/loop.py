@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from litattn import checkpoint as ckpt
 from litattn import run_dir
-from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs, start_work
+from litattn.args import EvalArgs, LogArgs, OptimizerArgs, RuntimeArgs, TrainArgs, start_work
 from litattn.config import Config
 from litattn.cpu import warn_if_slow_bf16
 from litattn.csv_log import CSVLogger
@@ -81,12 +81,9 @@ class RunSpec:
     eval: EvalArgs = field(default_factory=EvalArgs)
     optimizer: OptimizerArgs = field(default_factory=OptimizerArgs)
     log: LogArgs = field(default_factory=LogArgs)
-    compile: bool = False
-    """torch.compile the training forward (the whole model and the loss head) once (see `compile_loss`)."""
-    seed: int = 42
-    """Seed of the data order and of the hooks' generators (the entry point also seeds Fabric with it)."""
-    cache_dir: Path = Path("cache")
-    """Where the trained tokenizer and the tokenized data are cached."""
+    runtime: RuntimeArgs = field(default_factory=RuntimeArgs)
+    """Precision, devices, compile, the seed (of the data order and the hooks' generators; Fabric is seeded with it
+    too) and the cache of the tokenizer and the tokenized data."""
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     """The run's arguments as plain data (`hyperparameters_of`), saved into every checkpoint."""
     hooks: Sequence[TrainingHook] = ()
@@ -94,24 +91,21 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
-        self.cache_dir = Path(self.cache_dir)
         self.tokenizer_dir = Path(self.tokenizer_dir) if self.tokenizer_dir is not None else None
 
 
-def launch_fabric(
-    out_dir: Path, log: LogArgs, precision: str, accelerator: str, devices, num_nodes: int, strategy: str, seed: int
-):
+def launch_fabric(out_dir: Path, log: LogArgs, runtime: RuntimeArgs):
     """A launched Fabric (processes started for multi-device strategies) with the run's logger, seeded."""
     fabric = Fabric(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        precision=precision,
+        accelerator=runtime.accelerator,
+        devices=runtime.devices,
+        num_nodes=runtime.num_nodes,
+        strategy=runtime.strategy,
+        precision=runtime.precision,
         loggers=[_make_logger(log, out_dir)],
     )
     fabric.launch()
-    fabric.seed_everything(seed)
+    fabric.seed_everything(runtime.seed)
     return fabric
 
 
@@ -128,21 +122,14 @@ def launch_and_fit(
     eval: EvalArgs,
     optimizer: OptimizerArgs,
     log: LogArgs,
-    precision: str,
-    accelerator: str,
-    devices,
-    num_nodes: int,
-    strategy: str,
-    compile: bool,
-    seed: int,
-    cache_dir: Path,
+    runtime: RuntimeArgs,
 ) -> None:
     """What the training entry points (pretrain, finetune) share once they have a plan and data: launch
     Fabric, run `fit`, exit with its code when it is not 0."""
     check_sequence_length(plan, train)
     start_work()  # the argument checks end here (--print_config stops here); files are read from here on
     run_tokenizer(tokenizer_dir, plan.initial_checkpoint_dir)  # an unreadable or swapped one fails before any work
-    fabric = launch_fabric(out_dir, log, precision, accelerator, devices, num_nodes, strategy, seed)
+    fabric = launch_fabric(out_dir, log, runtime)
     run = RunSpec(
         out_dir=out_dir,
         tokenizer_dir=tokenizer_dir,
@@ -152,9 +139,7 @@ def launch_and_fit(
         eval=eval,
         optimizer=optimizer,
         log=log,
-        compile=compile,
-        seed=seed,
-        cache_dir=cache_dir,
+        runtime=runtime,
         hyperparameters=hyperparameters,
     )
     code = fit(fabric, plan, data, run)
@@ -209,7 +194,7 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
     t0 = time.perf_counter()
     warn_if_slow_bf16(fabric)  # before any work: bf16 on a CPU that emulates it is many times slower than fp32
     config = plan.config
-    train, eval, log, seed, out_dir = run.train, run.eval, run.log, run.seed, run.out_dir
+    train, eval, log, seed, out_dir = run.train, run.eval, run.log, run.runtime.seed, run.out_dir
     tokenizer, train_data, val_data = _prepare_data(fabric, plan, data, run, resume_dir)
     b = _batching(fabric, train, config, len(train_data))
     model, optimizer = _build(fabric, plan, run, resuming=resume_dir is not None)
@@ -330,7 +315,7 @@ def _prepare_data(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, re
     seq_len = run.train.max_seq_length or config.block_size
     with fabric.rank_zero_first():
         tokenizer = run_tokenizer(run.tokenizer_dir, resume_dir or plan.initial_checkpoint_dir)
-        tokenizer = data.setup(tokenizer, config.vocab_size, seq_len, run.cache_dir)
+        tokenizer = data.setup(tokenizer, config.vocab_size, seq_len, run.runtime.cache_dir)
     tokenizer.check_fits(config.padded_vocab_size)
     train_data, val_data = data.train_dataset(), data.val_dataset()
     fabric.print(data.describe())
@@ -359,7 +344,7 @@ def _batching(fabric, train: TrainArgs, config: Config, n_windows: int) -> _Batc
 def _build(fabric, plan: TrainingPlan, run: RunSpec, resuming: bool):
     """The plan's model and its optimizer, set up by Fabric (the model's `loss` routed like `forward`)."""
     model = plan.build(fabric, resuming=resuming)
-    if run.compile:
+    if run.runtime.compile:
         compile_loss(model)
     fabric.print(
         f"Model: {plan.config.name or 'custom'} ({model.num_parameters():,} parameters), "

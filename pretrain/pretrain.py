@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs, check_run_args
+from litattn.args import EvalArgs, LogArgs, OptimizerArgs, RuntimeArgs, TrainArgs, check_run_args
 from litattn.config import resolve_model_config
 from litattn.data import DataModule, StdlibCorpus
 from litattn.loop import hyperparameters_of, launch_and_fit
@@ -31,14 +31,14 @@ def setup(
     eval: EvalArgs = EvalArgs(),
     optimizer: OptimizerArgs = OptimizerArgs(),
     log: LogArgs = LogArgs(),
-    precision: str = "32-true",
-    accelerator: str = "auto",
-    devices: int | str = 1,
-    num_nodes: int = 1,
-    strategy: str = "auto",
-    compile: bool = False,
-    seed: int = 42,
-    cache_dir: Path = Path("cache"),
+    precision: str = RuntimeArgs.precision,
+    accelerator: str = RuntimeArgs.accelerator,
+    devices: int | str = RuntimeArgs.devices,
+    num_nodes: int = RuntimeArgs.num_nodes,
+    strategy: str = RuntimeArgs.strategy,
+    compile: bool = RuntimeArgs.compile,
+    seed: int = RuntimeArgs.seed,
+    cache_dir: Path = RuntimeArgs.cache_dir,
 ) -> None:
     """Pretrain a GPT model.
 
@@ -73,8 +73,8 @@ def setup(
 
     data = StdlibCorpus() if data is None else data
     plan = TrainingPlan(resolve_model_config(model_name, model), initial_checkpoint_dir)
+    runtime = RuntimeArgs(precision, accelerator, devices, num_nodes, strategy, compile, seed, cache_dir)
     launch_and_fit(
         plan, data, tokenizer_dir, hyperparameters, out_dir=out_dir, resume=resume, overwrite=overwrite, train=train,
-        eval=eval, optimizer=optimizer, log=log, precision=precision, accelerator=accelerator, devices=devices,
-        num_nodes=num_nodes, strategy=strategy, compile=compile, seed=seed, cache_dir=cache_dir,
+        eval=eval, optimizer=optimizer, log=log, runtime=runtime,
     )  # fmt: skip
