@@ -87,7 +87,7 @@ def setup(
     check_run_args(seed=seed, devices=devices, num_nodes=num_nodes, train=train)
     start_work()  # the checks that need the checkpoint come after, in the command itself
     config = ckpt.load_config(checkpoint_dir, **(model or {}))
-    if not any((Path(checkpoint_dir) / name).is_file() for name in ckpt.TOKENIZER_FILES):
+    if not ckpt.has_tokenizer(checkpoint_dir):
         raise FileNotFoundError(
             f"{checkpoint_dir} has no tokenizer (tokenizer.json or tokenizer.model); finetuning uses the "
             "checkpoint's own tokenizer: copy the one it was trained with into the directory"

@@ -51,7 +51,6 @@ CONFIG_FILE = "model_config.yaml"
 HPARAMS_FILE = "hyperparameters.yaml"
 STATE_FILE = "training_state.pt"
 LITGPT_MODEL_FILE = "lit_model.pth"
-TOKENIZER_FILES = MODEL_FILES  # the tokenizer files a checkpoint directory may hold
 _STEP_DIR = re.compile(r"step-(\d{8,})")
 _BACKUP_DIR = re.compile(r"\.(.+)\.[0-9a-f]{8}\.old")
 _ALIASES_KEY = "litattn.aliases"  # safetensors metadata: {dropped key: kept key} for tied tensors
@@ -555,7 +554,7 @@ def _short(keys: list[str], n: int = 8) -> str:
 
 def has_tokenizer(checkpoint_dir: Path) -> bool:
     """Whether the directory holds a tokenizer `Tokenizer` can load (tokenizer.json or tokenizer.model)."""
-    return any((Path(checkpoint_dir) / name).is_file() for name in TOKENIZER_FILES)
+    return any((Path(checkpoint_dir) / name).is_file() for name in MODEL_FILES)
 
 
 def _load_tokenizer(checkpoint_dir: Path, config: Config) -> Tokenizer | None:

@@ -58,7 +58,7 @@ ARCHITECTURES = {
 }
 """Supported Hugging Face architectures and their `model_type`."""
 
-TOKENIZER_FILES = MODEL_FILES + CONFIG_FILES  # copied beside converted weights
+HF_TOKENIZER_FILES = MODEL_FILES + CONFIG_FILES  # a Hugging Face tokenizer's files, copied beside converted weights
 
 # ---------------------------------------------------------------------------------- names
 # HF module -> litattn module ({} = layer index); `.weight` / `.bias` carry over unchanged.
@@ -610,7 +610,7 @@ def to_hf(checkpoint_dir: Path, out_dir: Path, max_shard_size: int | str = "5GB"
         writer.close()
         values["torch_dtype"] = str(max(dtypes, key=dtypes.get)).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
-        for name in TOKENIZER_FILES:
+        for name in HF_TOKENIZER_FILES:
             if (checkpoint_dir / name).is_file():
                 shutil.copyfile(checkpoint_dir / name, tmp / name)
     return out_dir
