@@ -531,8 +531,8 @@ def _load_weights(model: GPT, state: dict[str, Tensor], path: Path, attention_ov
         unexpected = [k for k in unexpected if not is_mechanism_parameter(k)]
     if missing or unexpected:
         raise ValueError(
-            f"{path} does not match model_config.yaml: missing keys {_short(missing)}, unexpected keys "
-            f"{_short(unexpected)}"
+            f"{path} does not match model_config.yaml: missing keys {listed(missing)}, unexpected keys "
+            f"{listed(unexpected)}"
         )
     wrong = [
         f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
@@ -540,7 +540,7 @@ def _load_weights(model: GPT, state: dict[str, Tensor], path: Path, attention_ov
         if k in state and state[k].shape != v.shape
     ]
     if wrong:
-        raise ValueError(f"{path} does not match model_config.yaml: shapes (checkpoint vs model) {_short(wrong)}")
+        raise ValueError(f"{path} does not match model_config.yaml: shapes (checkpoint vs model) {listed(wrong)}")
     if model.config.tie_embeddings and "lm_head.weight" in state:
         head, wte = state["lm_head.weight"], state["transformer.wte.weight"]
         if head is not wte and not torch.equal(head, wte):
@@ -548,7 +548,7 @@ def _load_weights(model: GPT, state: dict[str, Tensor], path: Path, attention_ov
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 
-def _short(keys: list[str], n: int = 8) -> str:
+def listed(keys: list[str], n: int = 8) -> str:
     return "[]" if not keys else ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
@@ -642,12 +642,12 @@ def litgpt_state_dict_to_litattn(state: dict[str, Tensor], config: Config) -> di
     for key, t in state.items():
         if re.fullmatch(r"transformer\.h\.\d+\.attn\.attn\.(weight|bias)", key):
             key = key.replace(".attn.attn.", ".attn.qkv.")
-            t = _qkv_from_interleaved(t, config)
+            t = qkv_from_interleaved(t, config)
         out[key] = t
     return out
 
 
-def _qkv_from_interleaved(t: Tensor, config: Config) -> Tensor:
+def qkv_from_interleaved(t: Tensor, config: Config) -> Tensor:
     groups, per_group = config.n_query_groups, config.n_head // config.n_query_groups
     t = t.reshape(groups, per_group + 2, config.head_size, *t.shape[1:])
     q = t[:, :per_group].reshape(-1, *t.shape[3:])

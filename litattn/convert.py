@@ -39,11 +39,11 @@ from litattn.args import start_work
 from litattn.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
-    _qkv_from_interleaved,
-    _short,
     atomic_directory,
     has_tokenizer,
+    listed,
     load_state_dict,
+    qkv_from_interleaved,
     save_checkpoint,
 )
 from litattn.config import Config
@@ -388,7 +388,7 @@ def from_hf(checkpoint_dir: Path, out_dir: Path, dtype: str | None = None) -> Pa
     buffers = re.compile(_BUFFERS[family])
     unknown = [k for k in keys if not buffers.fullmatch(k) and _lit_name(family, k) is None]
     if unknown:
-        raise ValueError(f"Unknown tensor names for {family} in {checkpoint_dir}: {_short(unknown)}")
+        raise ValueError(f"Unknown tensor names for {family} in {checkpoint_dir}: {listed(unknown)}")
 
     state: dict[str, Tensor] = {}
     pending: dict[str, dict[str, Tensor]] = {}  # qkv parts waiting for their siblings (maybe in another shard)
@@ -408,7 +408,7 @@ def from_hf(checkpoint_dir: Path, out_dir: Path, dtype: str | None = None) -> Pa
         else:
             state[lit] = _tensor_from_hf(family, lit, t, config)
     if pending:
-        raise ValueError(f"{checkpoint_dir} lacks some q/k/v projections of {_short(sorted(pending))}")
+        raise ValueError(f"{checkpoint_dir} lacks some q/k/v projections of {listed(sorted(pending))}")
     if config.tie_embeddings:  # HF ties the head to the embedding, whatever a stored head holds
         state["lm_head.weight"] = state["transformer.wte.weight"]
     _check_state(state, config, checkpoint_dir)
@@ -420,7 +420,7 @@ def _tensor_from_hf(family: str, lit: str, t: Tensor, config: Config) -> Tensor:
     if family == "gpt2" and lit.endswith(_GPT2_CONV1D):
         return t.t().contiguous()
     if family == "gpt_neox" and ".attn.qkv." in lit:  # [q_h, k_h, v_h] per head -> [all q | all k | all v]
-        return _qkv_from_interleaved(t, config)  # NeoX: one query per group (n_query_groups == n_head)
+        return qkv_from_interleaved(t, config)  # NeoX: one query per group (n_query_groups == n_head)
     return t
 
 
@@ -432,11 +432,11 @@ def _check_state(state: dict[str, Tensor], config: Config, source: Path) -> None
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{source} does not match its config.json: missing {_short(missing)}, unexpected {_short(unexpected)}"
+            f"{source} does not match its config.json: missing {listed(missing)}, unexpected {listed(unexpected)}"
         )
     wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(s)}" for k, s in expected.items() if state[k].shape != s]
     if wrong:
-        raise ValueError(f"{source} does not match its config.json: shapes (weights vs config) {_short(wrong)}")
+        raise ValueError(f"{source} does not match its config.json: shapes (weights vs config) {listed(wrong)}")
 
 
 # ---------------------------------------------------------------------------------- Config -> HF

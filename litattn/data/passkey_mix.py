@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from litattn import passkey_prompts as pk
 from litattn.args import check_range, check_seed
 from litattn.data.base import DataModule, TokenWindows, item_index
-from litattn.data.text_files import _unit_hash
+from litattn.data.text_files import unit_hash
 from litattn.data.wrapping import wrapped_data
 from litattn.tokenizer import Tokenizer
 
@@ -134,7 +134,7 @@ class PasskeyWindows(Dataset):
 
     def is_passkey(self, i: int) -> bool:
         """Whether window i is replaced by a passkey sample."""
-        return _unit_hash(_salt(self.seed, f"window\0{i}")) < self.fraction
+        return unit_hash(_salt(self.seed, f"window\0{i}")) < self.fraction
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         i = item_index(i, len(self), "window")

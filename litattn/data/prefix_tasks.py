@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 from litattn.args import check_range, check_seed
 from litattn.attention.hybrid import PREFIX_LEN
 from litattn.data.base import DataModule
-from litattn.data.text_files import _unit_hash
+from litattn.data.text_files import unit_hash
 from litattn.tokenizer import Tokenizer, train_or_load_tokenizer
 from litattn.utils import atomic_write_text, content_key
 
@@ -174,7 +174,7 @@ class PrefixTask(DataModule):
 
     def is_val(self, string: str) -> bool:
         """Whether a string belongs to the validation split."""
-        return _unit_hash(f"litattn.prefix_task\0{self.seed}\0{string}") < self.val_fraction
+        return unit_hash(f"litattn.prefix_task\0{self.seed}\0{string}") < self.val_fraction
 
     def _tokenizer_text(self, cache_dir: Path) -> Path:
         """A text of task examples for training a tokenizer, written once (its path, size and mtime key the

@@ -186,7 +186,7 @@ def _excluded(rel: str, patterns: list[str]) -> bool:
     return False
 
 
-def _unit_hash(text: str) -> float:
+def unit_hash(text: str) -> float:
     """A number in [0, 1) fixed by `text` alone (unlike hash(), stable across processes and machines)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
@@ -196,7 +196,7 @@ def held_out(keys: Sequence[str], seed: int, fraction: float) -> list[bool]:
 
     The choice depends on each key alone, so adding an item never moves another (except through the two bounds).
     """
-    scores = [_unit_hash(f"{seed}\0{key}") for key in keys]
+    scores = [unit_hash(f"{seed}\0{key}") for key in keys]
     is_val = [s < fraction for s in scores]
     if not any(is_val):  # hold out at least one: the one with the lowest score
         is_val[scores.index(min(scores))] = True
