@@ -359,9 +359,8 @@ def _build(fabric, plan: TrainingPlan, run: RunSpec, resuming: bool):
 def compile_loss(model) -> None:
     """torch.compile the model's training forward, `loss` (embeddings, every block, the fused head): one graph
     for the step instead of one per block (what it gains per step, and how much later the first step comes, is
-    measured in docs/benchmarks.md); a mechanism
-    whose layer loop reads tensor values on the host gets graph breaks there, still correct. Evaluation and
-    generation stay eager."""
+    measured in docs/benchmarks.md); a mechanism whose layer loop reads tensor values on the host gets graph
+    breaks there, still correct. Evaluation and generation stay eager."""
     model.loss = types.MethodType(torch.compile(type(model).loss), model)  # a method: Fabric routes it
 
 
