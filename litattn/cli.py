@@ -87,12 +87,16 @@ COMMANDS = {
 """Subcommand -> entry point, as `module:function` (a nested mapping for a group of subcommands)."""
 
 
-def commands(tree: dict | None = None) -> dict[str, Callable | dict[str, Callable]]:
+def commands() -> dict[str, Callable | dict[str, Callable]]:
     """COMMANDS with each entry point imported: what jsonargparse builds the command line from."""
+    return _imported(COMMANDS)
+
+
+def _imported(tree: dict) -> dict[str, Callable | dict[str, Callable]]:
     out = {}
-    for name, target in (COMMANDS if tree is None else tree).items():
+    for name, target in tree.items():
         if isinstance(target, dict):
-            out[name] = commands(target)
+            out[name] = _imported(target)
         else:
             module, function = target.split(":")
             out[name] = getattr(importlib.import_module(module), function)

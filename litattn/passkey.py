@@ -33,11 +33,18 @@ from litattn.args import check_range, check_seed, start_work
 from litattn.checkpoint import load_with_tokenizer
 from litattn.evaluate import require_some_run, too_long
 from litattn.generate import generate
-from litattn.passkey_prompts import (
+from litattn.passkey_prompts import (  # noqa: F401  (the passkey test's prompts, also read as passkey.*)
     DEFAULT_DEPTHS,
+    FILLER,
+    INTRO,
+    KEY_SENTENCE,
+    QUESTION,
+    Prompt,
     PromptBuilder,
+    build_prompt,
     digits_correct,
     is_correct,
+    prompt_text,
 )
 from litattn.tokenizer import Tokenizer
 from litattn.utils import atomic_write, atomic_write_text

@@ -24,7 +24,7 @@ import sys
 
 def main() -> None:
     phase, fault, *args = sys.argv[1:]
-    from litattn import ablate, checkpoint, csv_log, generate, loop, model, utils
+    from litattn import ablate, checkpoint, csv_log, loop, model, sampling, utils
     from litattn.cli import main as litattn
 
     if "@" in phase:
@@ -66,8 +66,8 @@ def main() -> None:
         "validation": (loop, "validation_loss", periodic),
         "final_validation": (loop, "validation_loss", lambda n, a: not periodic(n, a)),
         "checkpoint": (checkpoint, "save_state_dict", lambda n, a: n == (2 if fault == "write_fails" else 1)),
-        "sample": (generate, "generate", lambda n, a: n == 1),
-        "summary": (loop, "_summary", lambda n, a: n == 1),
+        "sample": (sampling, "generate", lambda n, a: n == 1),
+        "summary": (loop, "write_summary", lambda n, a: n == 1),
         "metrics": (csv_log.CSVLogger, "log_metrics", lambda n, a: n == 5),
         "results": (ablate, "atomic_write_text", lambda n, a: a[0].name == "results.md"),
     }

@@ -50,7 +50,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture
 def stubs(monkeypatch, tiny_checkpoint):
     import litattn.ablate
+    import litattn.evaluate
+    import litattn.generate
     import litattn.loop
+    import litattn.passkey
+    import litattn.visualize
 
     real_load = ckpt.load_with_tokenizer
 
@@ -61,7 +65,8 @@ def stubs(monkeypatch, tiny_checkpoint):
 
     monkeypatch.setattr(litattn.loop, "launch_fabric", _reached)  # pretrain
     monkeypatch.setattr(ckpt, "load_config", _reached)  # finetune's first read
-    monkeypatch.setattr(ckpt, "load_with_tokenizer", load)  # generate, evaluate
+    for module in (ckpt, litattn.generate, litattn.evaluate, litattn.passkey, litattn.visualize):  # who loads
+        monkeypatch.setattr(module, "load_with_tokenizer", load)
     monkeypatch.setattr(GPT, "attention_maps", _reached)  # visualize, once its checkpoint is loaded
     monkeypatch.setattr(convert_module, "from_hf", _reached)
     monkeypatch.setattr(convert_module, "to_hf", _reached)
