@@ -3,7 +3,7 @@
 
     litattn evaluate perplexity --checkpoint_dir out/pretrain/final [--lengths [256,512]]
 
-The number is the training loop's own validation (`validation_loss` of litattn/loop.py: the mean loss
+The number is the training loop's own validation (`validation_loss` of litattn/validation.py: the mean loss
 per target token), computed by that same function, so evaluating a run's final
 checkpoint on its data reproduces the final `val_loss` it logged. Each length reads non-overlapping windows
 of that many tokens from the same validation token file, so lengths differ only in how much context each
