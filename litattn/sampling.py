@@ -6,7 +6,7 @@ import torch
 
 from litattn.args import LogArgs
 from litattn.attention.hybrid import PREFIX_LEN
-from litattn.data.base import HasPrompts
+from litattn.data.base import has_prompts
 from litattn.generate import generate
 
 
@@ -16,7 +16,7 @@ def sample_prompt(log: LogArgs, tokenizer, val_data) -> tuple[list[int] | None, 
     `prefix_len` (as in training), else None."""
     if log.sample_prompt is not None:
         return tokenizer.encode(log.sample_prompt), None
-    if isinstance(val_data, HasPrompts):
+    if has_prompts(val_data):
         ids = val_data.prompt_ids(0)
         return ids, len(ids) if PREFIX_LEN in val_data[0] else None
     return None, None

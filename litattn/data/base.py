@@ -32,6 +32,15 @@ class HasPrompts(Protocol):
     def prompt_ids(self, i: int) -> list[int]: ...
 
 
+def has_prompts(dataset: object) -> bool:
+    """Whether a dataset is `HasPrompts`. A wrapper (InjectTokens' dataset) has the ability only when what it wraps
+    has it, and says so by raising AttributeError, which a Protocol's isinstance check does not see on every Python."""
+    try:
+        return callable(dataset.prompt_ids)
+    except AttributeError:
+        return False
+
+
 class DataModule(ABC):
     """A corpus for pretraining: `setup` tokenizes it once (cached), then the datasets read the token files."""
 

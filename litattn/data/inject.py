@@ -68,7 +68,7 @@ from torch.utils.data import Dataset
 from litattn import tokens as tk
 from litattn.args import check_choice, check_range, check_seed
 from litattn.attention.disrupt_set import SEGMENT_IDS
-from litattn.data.base import DataModule, EpochDataset, HasPrompts
+from litattn.data.base import DataModule, EpochDataset, has_prompts
 from litattn.data.wrapping import wrapped_data
 from litattn.set_tokens import SETRedraw
 from litattn.tokenizer import Tokenizer
@@ -264,7 +264,7 @@ class InjectedDataset(EpochDataset):
     def prompt_ids(self):
         """`prompt_ids(i)`: item i's prompt as trained on (inserted tokens included), for datasets whose items
         have a prompt (instruction data; the training loop's sample). Absent (AttributeError) otherwise."""
-        if not isinstance(self.dataset, HasPrompts):
+        if not has_prompts(self.dataset):
             raise AttributeError(f"{type(self.dataset).__name__} items have no prompt")
         return self._prompt_ids
 
