@@ -2,6 +2,8 @@
 into one softmax, for several G, W (G not dividing W too), lengths, batch sizes and GQA; cached decoding
 against the full forward; gradients; composition with SSA; the standalone API."""
 
+import math
+
 import pytest
 import torch
 
@@ -11,11 +13,16 @@ from litattn.attention.self_extend import SelfExtendAttention, self_extend_atten
 from reference import naive_rope
 
 
-def naive_self_extend(q, k, v, G, W, rope_base=10000.0, n_elem=None, probs=False):
-    """q (B, H, T, D), k, v (B, Hkv, T, D) before RoPE; explicit merged scores. probs: the softmax instead."""
+def naive_self_extend(q, k, v, G, W, rope_base=10000.0, n_elem=None, probs=False, scale_base=None):
+    """q (B, H, T, D), k, v (B, Hkv, T, D) before RoPE; explicit merged scores. probs: the softmax instead.
+    scale_base: the authors' formula, the query at position i times max(1, ln(i + 1) / ln(scale_base)) before
+    both rotations (their `scaled_query` feeds the neighbour and the grouped branch)."""
     B, H, T, D = q.shape
     k, v = (x.repeat_interleave(H // k.shape[1], dim=1).double() for x in (k, v))
     q = q.double()
+    if scale_base is not None:
+        factor = [max(1.0, math.log(i + 1) / math.log(scale_base)) for i in range(T)]
+        q = q * torch.tensor(factor, dtype=torch.float64)[:, None]
     n_elem = D if n_elem is None else n_elem
     pos = torch.arange(T)
     i, j = pos[:, None], pos[None, :]
@@ -39,6 +46,34 @@ def test_equals_the_naive_merged_softmax(G, W, T, B, H, Hkv, fused, monkeypatch)
     q, k, v = torch.randn(B, H, T, 16), torch.randn(B, Hkv, T, 16), torch.randn(B, Hkv, T, 16)
     torch.testing.assert_close(self_extend_attention(q, k, v, G, W).double(), naive_self_extend(q, k, v, G, W),
                                atol=1e-5, rtol=0)  # fmt: skip
+
+
+def rope_tables(D, rope_base=10000.0):
+    """positions -> (cos, sin) over the full head dimension (the `rope` argument of the kernel)."""
+    inv_freq = 1.0 / (rope_base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+
+    def rope(positions):
+        freqs = positions.float()[:, None] * inv_freq
+        return torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+
+    return rope
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu", "tiles"])
+@pytest.mark.parametrize("T, G, W", [(40, 3, 8), (70, 4, 6), (12, 2, 16)], ids=["both", "both-tiled", "T<=W"])
+def test_scale_base_is_the_authors_query_scaling_on_both_branches(T, G, W, fused, monkeypatch):
+    """scale_base 4: every query past position 2 is scaled (up to 3.1x at 70), neighbour keys included; the
+    T <= W case has only the neighbour branch, where scaling the grouped branch alone changes nothing."""
+    monkeypatch.setattr(se, "FUSED_CPU", fused)
+    monkeypatch.setattr(se, "QUERY_BLOCK", 16)
+    monkeypatch.setattr(se, "KEY_TILE", 8)
+    torch.manual_seed(T)
+    q, k, v = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
+    pos = torch.arange(T)
+    got = se.grouped_neighbour_attention(q, k, v, pos, pos, rope_tables(16), G, W, scale_base=4.0)
+    expected = naive_self_extend(q, k, v, G, W, scale_base=4.0)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+    assert (expected - naive_self_extend(q, k, v, G, W)).abs().max() > 0.1  # the scaling matters here
 
 
 def test_a_sequence_within_the_window_is_causal_attention():
@@ -69,8 +104,9 @@ SE = {"name": "self_extend", "group_size": 3, "window": 10}
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-pythia"])
-@pytest.mark.parametrize("attention", [SE, {"name": "ssa", "base": SE}])
+@pytest.mark.parametrize("attention", [SE, {"name": "ssa", "base": SE}, {**SE, "scale_base": 4.0}])
 def test_chunked_prefill_and_decoding_equal_the_full_forward_beyond_the_trained_context(preset, attention):
+    """With scale_base too: a decoded query is scaled at its absolute position, not at the chunk's length."""
     torch.manual_seed(0)
     model = GPT(Config.from_name(preset, block_size=32, attention=attention)).eval()
     assert model.max_seq_length == (32 - 10) * 3 + 10
@@ -145,11 +181,12 @@ def test_a_checkpoint_runs_with_self_extend_from_the_command_line_beyond_its_con
     assert ckpt.load_config(tmp_path / "ckpt").attention["name"] == "causal"  # the checkpoint is untouched
 
 
-def test_attention_maps_are_the_merged_softmax_and_the_observed_forward_is_the_forward(monkeypatch):
+@pytest.mark.parametrize("scale_base", [None, 4.0])
+def test_attention_maps_are_the_merged_softmax_and_the_observed_forward_is_the_forward(scale_base, monkeypatch):
     """visualize and truncation read Self-Extend's probabilities through the observer, block by block."""
     monkeypatch.setattr(se, "QUERY_BLOCK", 16)
     torch.manual_seed(0)
-    spec = {"name": "self_extend", "group_size": 3, "window": 10}
+    spec = {"name": "self_extend", "group_size": 3, "window": 10, "scale_base": scale_base}
     config = Config.from_name("tiny-llama", block_size=32, attention=spec)
     model = GPT(config).eval()
     idx = torch.randint(0, config.vocab_size, (2, 50))
@@ -164,7 +201,7 @@ def test_attention_maps_are_the_merged_softmax_and_the_observed_forward_is_the_f
     maps = model.attention_maps(idx)
     assert len(maps) == config.n_layer and maps[0].shape == (2, config.n_head, 50, 50)
     for m, (q, k, v) in zip(maps, inputs, strict=True):
-        expected = naive_self_extend(q, k, v, 3, 10, config.rope_base, config.rope_n_elem, probs=True)
+        expected = naive_self_extend(q, k, v, 3, 10, config.rope_base, config.rope_n_elem, True, scale_base)
         torch.testing.assert_close(m.double(), expected, atol=1e-5, rtol=0)
 
     calls = []

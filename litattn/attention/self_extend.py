@@ -66,8 +66,8 @@ class SelfExtendOptions(AttentionOptions):
     window: int = 1024
     """W: keys closer than W to the query keep their exact positions (must be below the trained context)."""
     scale_base: float | None = None
-    """The authors' query log-scaling on the grouped branch for long passkey tests:
-    q *= max(1, ln(pos + 1) / ln(scale_base)). None: off."""
+    """The authors' query log-scaling for long passkey tests: q *= max(1, ln(pos + 1) / ln(scale_base)) at the
+    query's absolute position, before both rotations (neighbour and grouped branch alike). None: off."""
 
 
 @register_attention("self_extend")
@@ -183,11 +183,13 @@ def grouped_neighbour_attention(
 
 
 def _rotate_queries(q, pos, rope, group_size: int, window: int, scale_base: float | None):
-    """q (B, H, Tq, D) rotated under the neighbour map (pos) and the grouped map, with the optional log-scaling."""
+    """q (B, H, Tq, D) at absolute positions pos (Tq,) rotated under the neighbour map (pos) and the grouped map.
+    With scale_base, q is first scaled by max(1, ln(pos + 1) / ln(scale_base)), as the authors scale it: one
+    scaled query feeds both rotations, so the neighbour branch is scaled too."""
+    if scale_base is not None:
+        q = q * (torch.log1p(pos.float()) / math.log(scale_base)).clamp(min=1.0).to(q.dtype)[:, None]
     qn = rotate_half_rope(q, *rope(pos))
     qg = rotate_half_rope(q, *rope(torch.div(pos, group_size, rounding_mode="floor") + window - window // group_size))
-    if scale_base is not None:
-        qg = qg * (torch.log1p(pos.float()) / math.log(scale_base)).clamp(min=1.0).to(qg.dtype)[:, None]
     return qn, qg
 
 
