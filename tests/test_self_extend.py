@@ -210,3 +210,115 @@ def test_attention_maps_are_the_merged_softmax_and_the_observed_forward_is_the_f
         observed = model.lm_head(model.observe(idx, observer))
         torch.testing.assert_close(observed, model(idx), atol=1e-5, rtol=0)
     assert calls == [(layer, start) for layer in range(config.n_layer) for start in (0, 16, 32, 48)]
+
+
+# ------------------------------------------------------------- SelfExtendAttn: the `selfextend` package's API
+def rms_normed(x, eps=1e-6):
+    """x / sqrt(mean(x^2) + eps) over the last dimension, written out (RMSNorm with its gain at 1)."""
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def test_the_packages_snippet_runs_and_qk_norm_is_rms_norm_per_head():
+    """The package's README lines (dim 512, g_size 2, w_size 4, q = k = v, pos (1, 10)), then the norm."""
+    from litattn.attention import SelfExtendAttn as from_package
+
+    assert from_package is se.SelfExtendAttn
+    dim, g_size, w_size = 512, 2, 4
+    torch.manual_seed(0)
+    self_extend = se.SelfExtendAttn(dim, g_size, w_size, qk_norm=True)
+    q = k = v = torch.randn(1, 10, dim)
+    pos = torch.arange(0, 10).unsqueeze(0)
+    output = self_extend(q, k, v, pos)
+    assert output.shape == (1, 10, 512)
+    heads = q.view(1, 1, 10, dim)  # heads=1: the whole of dim is one head
+    expected = self_extend_attention(rms_normed(heads), rms_normed(heads), heads, g_size, w_size)
+    torch.testing.assert_close(output, expected.view(1, 10, dim), atol=1e-5, rtol=0)
+
+    # the norm itself, where it matters: 4 heads of distinct sizes, small q and k (near-uniform without it)
+    attn = se.SelfExtendAttn(32, g_size, w_size, qk_norm=True, heads=4)
+    q, k, v = (torch.randn(2, 10, 4, 8) * torch.tensor([0.01, 0.1, 1.0, 3.0])[:, None] for _ in range(3))
+    heads = [x.transpose(1, 2) for x in (q, k, v)]
+    expected = self_extend_attention(rms_normed(heads[0]), rms_normed(heads[1]), heads[2], g_size, w_size)
+    output = attn(*(x.reshape(2, 10, 32) for x in (q, k, v)), torch.arange(10))
+    torch.testing.assert_close(output, expected.transpose(1, 2).reshape(2, 10, 32), atol=1e-5, rtol=0)
+    assert (expected - self_extend_attention(*heads, g_size, w_size)).abs().max() > 0.1
+
+
+PACKAGE_README = """
+import torch
+from se_attn import SelfExtendAttn
+dim = 512
+g_size = 2
+w_size = 4
+self_extend = SelfExtendAttn(dim, g_size, w_size, qk_norm=True)
+q = torch.randn(1, 10, dim)
+k = torch.randn(1, 10, dim)
+v = torch.randn(1, 10, dim)
+pos = torch.arange(0, 10).unsqueeze(0)
+output = self_extend(q, k, v, pos)
+print(output)
+"""
+"""The usage lines of the `selfextend` package's README (comments left out)."""
+
+
+def test_the_snippet_in_the_docs_runs_with_only_the_import_changed(capsys):
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "mechanisms.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in doc.split("```python")[1:]]
+    (snippet,) = [b for b in blocks if "SelfExtendAttn(dim, g_size, w_size, qk_norm=True)" in b]
+    code = "\n".join(line.removeprefix("  ") for line in snippet.splitlines())
+    statements = [line.split("#")[0].rstrip() for line in code.splitlines() if line.split("#")[0].strip()]
+    package = PACKAGE_README.replace("from se_attn import", "from litattn.attention import").splitlines()
+    assert statements == [line.split("#")[0].rstrip() for line in package if line.split("#")[0].strip()]
+    scope: dict = {}
+    exec(compile(code, "docs/mechanisms.md", "exec"), scope)
+    assert scope["output"].shape == (1, 10, 512) and "tensor(" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_per_row_positions_equal_separate_calls(qk_norm):
+    torch.manual_seed(0)
+    attn = se.SelfExtendAttn(32, 3, 5, qk_norm=qk_norm, heads=2, scale_base=4.0)
+    if qk_norm:  # gains away from 1, so a norm applied to the wrong rows or heads shows
+        with torch.no_grad():
+            attn.q_norm.weight.uniform_(0.5, 1.5), attn.k_norm.weight.uniform_(0.5, 1.5)
+    q, k, v = torch.randn(3, 24, 32), torch.randn(3, 24, 32), torch.randn(3, 24, 32)
+    pos = torch.stack([torch.arange(24), 2 * torch.arange(24) + 7, torch.arange(24).repeat_interleave(2)[:24]])
+    together = attn(q, k, v, pos)
+    for b in range(3):
+        alone = attn(q[b : b + 1], k[b : b + 1], v[b : b + 1], pos[b])  # (T,) pos
+        torch.testing.assert_close(together[b : b + 1], alone, atol=1e-6, rtol=0)
+    shared = attn(q, k, v, pos[1:2])  # (1, T): every row at row 1's positions
+    assert (shared[2] - together[2]).abs().max() > 0.1  # so per-row positions were used
+    torch.testing.assert_close(shared, attn(q, k, v, pos[1]))  # (1, T) and (T,) alike
+
+
+def test_the_package_api_equals_the_function_on_heads():
+    torch.manual_seed(0)
+    B, T, H, hs = 2, 30, 4, 8
+    q, k, v = torch.randn(B, T, H * hs), torch.randn(B, T, H * hs), torch.randn(B, T, H * hs)
+    heads = [x.view(B, T, H, hs).transpose(1, 2) for x in (q, k, v)]
+    expected = self_extend_attention(*heads, 3, 7).transpose(1, 2).reshape(B, T, H * hs)
+    attn = se.SelfExtendAttn(H * hs, 3, 7, qk_norm=False, heads=H)
+    torch.testing.assert_close(attn(q, k, v, torch.arange(T).unsqueeze(0)), expected)
+    assert list(attn.parameters()) == []
+
+
+@pytest.mark.parametrize(
+    "build, call, message",
+    [
+        (dict(dim=12, g_size=2, w_size=4, heads=4), None, "dim=12 must be heads=4 x an even head size"),
+        (dict(dim=8, g_size=0, w_size=4), None, "g_size must be an integer >= 1, got 0"),
+        (dict(dim=8, g_size=2, w_size=4, scale_base=1), None, "scale_base must be a number > 1, got 1"),
+        (dict(dim=8, g_size=2, w_size=4), torch.arange(10).view(2, 5), r"pos must be integers of shape \(3, 10\)"),
+        (dict(dim=8, g_size=2, w_size=4), torch.arange(10.0), "got float32 of shape"),
+        (dict(dim=8, g_size=2, w_size=4), torch.arange(10).flip(0), "non-decreasing along each row"),
+        (dict(dim=8, g_size=2, w_size=4), torch.arange(10) - 1, "pos must be >= 0"),
+    ],
+)
+def test_the_package_api_refuses_what_it_cannot_run_in_one_line(build, call, message):
+    with pytest.raises(ValueError, match=message) as error:
+        attn = se.SelfExtendAttn(**build)
+        attn(*(torch.randn(3, 10, 8),) * 3, call)
+    assert "\n" not in str(error.value)
