@@ -66,8 +66,8 @@ class SelfExtendOptions(AttentionOptions):
     window: int = 1024
     """W: keys closer than W to the query keep their exact positions (must be below the trained context)."""
     scale_base: float | None = None
-    """The authors' query log-scaling on the grouped branch for long passkey tests:
-    q *= max(1, ln(pos + 1) / ln(scale_base)). None: off."""
+    """The authors' query log-scaling for long passkey tests: q *= max(1, ln(pos + 1) / ln(scale_base)) at the
+    query's absolute position, before both rotations (neighbour and grouped branch alike). None: off."""
 
 
 @register_attention("self_extend")
@@ -183,11 +183,13 @@ def grouped_neighbour_attention(
 
 
 def _rotate_queries(q, pos, rope, group_size: int, window: int, scale_base: float | None):
-    """q (B, H, Tq, D) rotated under the neighbour map (pos) and the grouped map, with the optional log-scaling."""
+    """q (B, H, Tq, D) at absolute positions pos (Tq,) rotated under the neighbour map (pos) and the grouped map.
+    With scale_base, q is first scaled by max(1, ln(pos + 1) / ln(scale_base)), as the authors scale it: one
+    scaled query feeds both rotations, so the neighbour branch is scaled too."""
+    if scale_base is not None:
+        q = q * (torch.log1p(pos.float()) / math.log(scale_base)).clamp(min=1.0).to(q.dtype)[:, None]
     qn = rotate_half_rope(q, *rope(pos))
     qg = rotate_half_rope(q, *rope(torch.div(pos, group_size, rounding_mode="floor") + window - window // group_size))
-    if scale_base is not None:
-        qg = qg * (torch.log1p(pos.float()) / math.log(scale_base)).clamp(min=1.0).to(qg.dtype)[:, None]
     return qn, qg
 
 
@@ -341,6 +343,102 @@ class SelfExtendAttention(nn.Module):
         heads = [x.view(B, T, self.n_head, -1).transpose(1, 2) for x in (q, k, v)]
         y = grouped_neighbour_attention(*heads, pos, pos, self.rope, self.group_size, self.window)
         return y.transpose(1, 2).reshape(B, T, dim)
+
+
+class SelfExtendAttn(nn.Module):
+    """Self-Extend with the call shape of the `selfextend` package (`from se_attn import SelfExtendAttn`): swap
+    the import and the same lines run.
+
+        attn = SelfExtendAttn(dim=512, g_size=2, w_size=4, qk_norm=True)
+        out = attn(q, k, v, pos)  # q, k, v (B, T, dim); pos (T,), (1, T) or (B, T); out (B, T, dim)
+
+    Self-Extend regroups RoPE positions, so it needs rotary position encoding: q and k are the projections
+    before RoPE, and this module rotates them itself (rotate-half RoPE over each head's features with
+    `rope_base`), under the neighbour and the grouped position map. It cannot be added to a model with learned
+    or additive sine/cosine position embeddings.
+
+    dim = heads x head size (even). g_size: G, the group size; w_size: W, the neighbour window. pos: the tokens'
+    absolute positions, non-negative and non-decreasing along each row; a (B, T) pos gives each row its own
+    positions (equal to B separate calls). Keys see queries causally by position: key j is visible to query i
+    iff pos[j] <= pos[i]. Scores are scaled by 1/sqrt(head size).
+
+    qk_norm: RMSNorm over each head's features (eps 1e-6, a learnable gain initialised to 1; one for q, one
+    for k), applied before the rotations, as QK-norm is in recent Llama-style models; its gains are the only
+    parameters. scale_base: the authors' query log-scaling (see `SelfExtendOptions.scale_base`), off by
+    default. Memory is linear in T (the kernel of `self_extend_attention`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        g_size: int,
+        w_size: int,
+        qk_norm: bool = True,
+        heads: int = 1,
+        rope_base: float = 10000.0,
+        scale_base: float | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("g_size", g_size), ("w_size", w_size), ("heads", heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SelfExtendAttn: {name} must be an integer >= 1, got {value!r}")
+        if dim % heads or (dim // heads) % 2:
+            raise ValueError(
+                f"SelfExtendAttn: dim={dim} must be heads={heads} x an even head size (RoPE rotates pairs)"
+            )
+        for name, value, low in (("rope_base", rope_base, 0.0), ("scale_base", scale_base, 1.0)):
+            if value is None and name == "scale_base":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
+                raise ValueError(f"SelfExtendAttn: {name} must be a number > {low:g}, got {value!r}")
+        self.dim, self.g_size, self.w_size, self.heads = dim, g_size, w_size, heads
+        self.scale_base = None if scale_base is None else float(scale_base)
+        head = dim // heads
+        self.q_norm = nn.RMSNorm(head, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head, eps=1e-6) if qk_norm else None
+        self.register_buffer(
+            "inv_freq", 1.0 / (rope_base ** (torch.arange(0, head, 2, dtype=torch.float32) / head)), persistent=False
+        )
+
+    def rope(self, positions: torch.Tensor):
+        freqs = positions.float()[:, None] * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos) -> torch.Tensor:
+        shapes = [tuple(x.shape) for x in (q, k, v)]
+        if len(shapes[0]) != 3 or shapes[0][-1] != self.dim or len(set(shapes)) > 1:
+            shapes = ", ".join(map(str, shapes))
+            raise ValueError(f"SelfExtendAttn: q, k and v must be (B, T, {self.dim}) alike, got shapes {shapes}")
+        B, T, dim = q.shape
+        pos = self._positions(pos, B, T, q.device)  # (R, T) with R = 1 or B
+        heads = [x.view(B, T, self.heads, -1).transpose(1, 2) for x in (q, k, v)]
+        if self.q_norm is not None:
+            heads[0], heads[1] = self.q_norm(heads[0]), self.k_norm(heads[1])
+        if pos.shape[0] == 1 or bool((pos == pos[:1]).all()):
+            y = self._attend(*heads, pos[0])
+        else:  # each row at its own positions
+            y = torch.cat([self._attend(*(x[b : b + 1] for x in heads), pos[b]) for b in range(B)])
+        return y.transpose(1, 2).reshape(B, T, dim)
+
+    def _attend(self, q, k, v, pos):
+        return grouped_neighbour_attention(q, k, v, pos, pos, self.rope, self.g_size, self.w_size, self.scale_base)
+
+    @staticmethod
+    def _positions(pos, B: int, T: int, device) -> torch.Tensor:
+        """pos as a (1, T) or (B, T) long tensor, checked: one-line ValueErrors."""
+        try:
+            shape = tuple(torch.as_tensor(pos).shape)
+        except (TypeError, ValueError, RuntimeError):
+            shape = (T,)  # integer_metadata names what it got
+        expected = (T,) if len(shape) == 1 else ((1, T) if shape[:1] == (1,) else (B, T))
+        meaning = "one position per token, for all rows ((T,) or (1, T)) or per row ((B, T))"
+        pos = integer_metadata("SelfExtendAttn", "pos", pos, expected, meaning, device).view(-1, T)
+        if bool((pos < 0).any()):
+            raise ValueError(f"SelfExtendAttn: pos must be >= 0, got a minimum of {int(pos.min())}")
+        if T > 1 and bool((pos[:, 1:] < pos[:, :-1]).any()):
+            raise ValueError("SelfExtendAttn: pos must be non-decreasing along each row (tokens in position order)")
+        return pos
 
 
 def _checked_options(owner: str, group_size: int, window: int) -> tuple[int, int]:
