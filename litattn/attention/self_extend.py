@@ -322,14 +322,10 @@ class SelfExtendAttention(nn.Module):
             )
         self.dim, self.n_head, self.group_size, self.window = dim, n_head, group_size, window
         head = dim // n_head
-        self.register_buffer(
-            "inv_freq", 1.0 / (rope_base ** (torch.arange(0, head, 2, dtype=torch.float32) / head)), persistent=False
-        )
+        self.register_buffer("inv_freq", _inv_freq(head, rope_base), persistent=False)
 
     def rope(self, positions: torch.Tensor):
-        freqs = positions.float()[:, None] * self.inv_freq
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos(), emb.sin()
+        return _cos_sin(positions, self.inv_freq)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         shapes = [tuple(x.shape) for x in (q, k, v)]
@@ -396,14 +392,10 @@ class SelfExtendAttn(nn.Module):
         head = dim // heads
         self.q_norm = nn.RMSNorm(head, eps=1e-6) if qk_norm else None
         self.k_norm = nn.RMSNorm(head, eps=1e-6) if qk_norm else None
-        self.register_buffer(
-            "inv_freq", 1.0 / (rope_base ** (torch.arange(0, head, 2, dtype=torch.float32) / head)), persistent=False
-        )
+        self.register_buffer("inv_freq", _inv_freq(head, rope_base), persistent=False)
 
     def rope(self, positions: torch.Tensor):
-        freqs = positions.float()[:, None] * self.inv_freq
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos(), emb.sin()
+        return _cos_sin(positions, self.inv_freq)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos) -> torch.Tensor:
         shapes = [tuple(x.shape) for x in (q, k, v)]
@@ -462,3 +454,14 @@ def _check_heads(owner: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
         raise ValueError(f"{owner}: the {Hkv} key/value heads must divide the {H} query heads, got shapes {shapes}")
     if D % 2:
         raise ValueError(f"{owner}: the head size must be even (RoPE rotates pairs of dimensions), got {D}")
+
+
+def _inv_freq(head_size: int, rope_base: float) -> torch.Tensor:
+    """RoPE's inverse frequencies of a head (the standalone ops build their own tables; the model has its RoPE)."""
+    return 1.0 / (rope_base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+
+
+def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions.float()[:, None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
