@@ -77,9 +77,11 @@ def plan(spec: dict[str, Any], runs: list, trained_attention: dict[str, dict] | 
     """
     if not isinstance(spec, dict):
         raise ValueError(f"evaluate must be a mapping of attention, perplexity and passkey, got {spec!r}")
-    unknown = sorted(set(spec) - {"attention", "variants", *KINDS})
+    unknown = sorted(set(spec) - {"attention", "variants", "baseline", *KINDS})
     if unknown:
-        raise ValueError(f"evaluate has unknown keys {unknown}; it takes attention, variants, {', '.join(KINDS)}")
+        raise ValueError(
+            f"evaluate has unknown keys {unknown}; it takes attention, variants, baseline, {', '.join(KINDS)}"
+        )
     kinds = [k for k in KINDS if k in spec]
     if not kinds:
         raise ValueError(f"evaluate names no evaluation: give the arguments of one of {list(KINDS)}")
