@@ -138,8 +138,13 @@ def ablate(
     report(runs, list(variants), baseline, seeds, budget, out_dir)
     if evaluations:
         ablate_evaluate.execute(evaluations)
-        print(ablate_evaluate.write(ablate_evaluate.rows(evaluations), list(seeds), out_dir))
-        print(f"Wrote {out_dir / 'evaluation.csv'}, {out_dir / 'evaluation.md'}, {out_dir / 'evaluation.png'}")
+        rows = ablate_evaluate.rows(evaluations)
+        print(ablate_evaluate.write(rows, list(seeds), out_dir, evaluate.get("baseline")))
+        written = [out_dir / "evaluation.csv", out_dir / "evaluation.md", out_dir / "evaluation.png"]
+        if grids := ablate_evaluate.depth_accuracy(evaluations):
+            ablate_evaluate.plot_depths(grids, out_dir / "passkey_depths.png")
+            written.append(out_dir / "passkey_depths.png")
+        print(f"Wrote {', '.join(map(str, written))}")
     return out_dir
 
 

@@ -9,10 +9,13 @@ several attention specs (e.g. causal against Self-Extend beyond the trained cont
       passkey: {lengths: [256, 512], trials: 4, context: 512}           # `litattn evaluate passkey` arguments
       variants: [se-g4]           # evaluate only these variants' runs (default: all), e.g. where a spec's
                                   # options belong to one mechanism
+      baseline: causal            # the attention label others are compared with, paired by seed (default: the first)
 
 Each evaluation is its own `litattn evaluate <kind> --config <run>/eval/<label>/<kind>.yaml` process writing
 `<kind>.json` beside it; one whose JSON exists is skipped, so a rerun finishes only what is missing.
-Outputs: `evaluation.csv` (one row per run x attention x kind x length), `evaluation.md` and `evaluation.png`.
+Outputs: `evaluation.csv` (one row per run x attention x kind x length), `evaluation.md` (per kind: mean ± std
+and each seed's value, then every other label's difference to the baseline label, paired by seed, with a 95%
+Student-t interval) and `evaluation.png`; with passkey, `passkey_depths.png` (accuracy by length and depth).
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from litattn.attention.registry import normalize_attention_spec, split_spec
 from litattn.cli import parse_config
+from litattn.stats import format_ci, paired_ci
 from litattn.utils import atomic_write, atomic_write_text
 
 KINDS = ("perplexity", "passkey")  # the `litattn evaluate` subcommands an ablation runs
@@ -88,6 +93,9 @@ def plan(spec: dict[str, Any], runs: list, trained_attention: dict[str, dict] | 
     attention = spec.get("attention") or {"own": None}
     if not isinstance(attention, dict):
         raise ValueError(f"evaluate.attention must map labels to attention specs, got {attention!r}")
+    baseline = spec.get("baseline")
+    if baseline is not None and baseline not in attention:
+        raise ValueError(f"evaluate.baseline {baseline!r} is not one of the attention labels {list(attention)}")
     names = list(dict.fromkeys(run.variant for run in runs))
     chosen = spec.get("variants") or names
     if not isinstance(chosen, list) or any(v not in names for v in chosen):
@@ -185,16 +193,24 @@ def _groups(table_rows: list[dict], kind: str) -> tuple[list[tuple[str, str]], l
     return keys, lengths
 
 
-def _values(table_rows: list[dict], kind: str, key: tuple[str, str], length: int) -> list[float] | None:
-    """The seeds' values of one cell; None when any seed's evaluation was an error (beyond the context)."""
+def _by_seed(table_rows: list[dict], kind: str, key: tuple[str, str], length: int) -> dict[int, float] | None:
+    """Seed -> value of one cell; None when any seed's evaluation was an error (beyond the context)."""
     cell = [r for r in table_rows if (r["kind"], r["variant"], r["attention"], r["length"]) == (kind, *key, length)]
     if not cell or any(r["value"] is None for r in cell):
         return None
-    return [r["value"] for r in cell]
+    return {int(r["seed"]): r["value"] for r in cell}
 
 
-def markdown(table_rows: list[dict], seeds: list[int]) -> str:
-    """A table per kind: rows variant x attention, columns lengths, cells mean ± sample std over seeds."""
+def _values(table_rows: list[dict], kind: str, key: tuple[str, str], length: int) -> list[float] | None:
+    """The seeds' values of one cell; None when any seed's evaluation was an error (beyond the context)."""
+    values = _by_seed(table_rows, kind, key, length)
+    return None if values is None else list(values.values())
+
+
+def markdown(table_rows: list[dict], seeds: list[int], baseline: str | None = None) -> str:
+    """A table per kind: rows variant x attention, columns lengths, cells mean ± sample std over seeds and each
+    seed's value; then, per kind, each other attention label's difference to `baseline` (default: the first
+    label) in the same variant, paired by seed: mean [95% Student-t interval], `*` where it excludes 0."""
     parts = []
     for kind, title in TABLES.items():
         keys, lengths = _groups(table_rows, kind)
@@ -209,16 +225,53 @@ def markdown(table_rows: list[dict], seeds: list[int]) -> str:
                 values = _values(table_rows, kind, key, n)
                 if values is None:
                     cells.append("n/a")
-                else:
-                    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                    cells.append(f"{statistics.mean(values):{fmt}} ± {spread:{fmt}}")
+                    continue
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                each = f" ({', '.join(f'{v:{fmt}}' for v in values)})" if len(values) > 1 else ""
+                cells.append(f"{statistics.mean(values):{fmt}} ± {spread:{fmt}}{each}")
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
-    note = f"Seeds {list(seeds)}; mean ± std over seeds; n/a: beyond what the attention accepts (see evaluation.csv)."
+        paired = _paired_table(table_rows, kind, title, keys, lengths, baseline)
+        if paired:
+            parts.append(paired)
+    note = (
+        f"Seeds {list(seeds)}; mean ± std over seeds (each seed's value in brackets); differences are paired by "
+        "seed with a 95% Student-t interval, * where it excludes 0; n/a: beyond what the attention accepts "
+        "(see evaluation.csv)."
+    )
     return "\n\n".join(parts) + f"\n\n{note}\n"
 
 
-def write(table_rows: list[dict], seeds: list[int], out_dir: Path) -> str:
+def _paired_table(
+    table_rows: list[dict], kind: str, title: str, keys: list[tuple[str, str]], lengths: list[int], baseline: str | None
+) -> str:
+    labels = list(dict.fromkeys(label for _, label in keys))
+    baseline = baseline or labels[0]
+    others = [k for k in keys if k[1] != baseline and (k[0], baseline) in keys]
+    if not others:
+        return ""
+    short = title.split(" (")[0]
+    header = ["variant", "attention"] + [str(n) for n in lengths]
+    lines = [
+        f"**{short}: difference to {baseline}** (paired by seed; mean [95% CI])",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    fmt = ".3f" if kind == "perplexity" else ".2f"
+    for key in others:
+        cells = list(key)
+        for n in lengths:
+            mine, base = _by_seed(table_rows, kind, key, n), _by_seed(table_rows, kind, (key[0], baseline), n)
+            if mine is None or base is None or mine.keys() != base.keys():
+                cells.append("n/a")
+                continue
+            cells.append(format_ci(*paired_ci([mine[seed] - base[seed] for seed in mine]), fmt))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write(table_rows: list[dict], seeds: list[int], out_dir: Path, baseline: str | None = None) -> str:
     """evaluation.csv, evaluation.md and evaluation.png in out_dir; returns the markdown."""
 
     def write_csv(tmp: Path) -> None:
@@ -228,10 +281,58 @@ def write(table_rows: list[dict], seeds: list[int], out_dir: Path) -> str:
             writer.writerows(table_rows)
 
     atomic_write(out_dir / "evaluation.csv", write_csv)
-    table = markdown(table_rows, seeds)
+    table = markdown(table_rows, seeds, baseline)
     atomic_write_text(out_dir / "evaluation.md", table)
     _plot(table_rows, out_dir / "evaluation.png")
     return table
+
+
+def depth_accuracy(evaluations: list[Evaluation]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(variant, attention) -> passkey accuracy pooled over seeds per (length, depth): `lengths`, `depths` and
+    `correct`/`trials` grids (rows lengths, columns depths; an error row has 0 trials)."""
+    grids: dict[tuple[str, str], dict[str, Any]] = {}
+    for e in (e for e in evaluations if e.kind == "passkey"):
+        result = json.loads(e.result_file.read_text())
+        lengths, depths = [r["length"] for r in result["results"]], result["depths"]
+        grid = grids.setdefault(
+            (e.run.variant, e.label),
+            {"lengths": lengths, "depths": depths, "correct": np.zeros((len(lengths), len(depths)), dtype=int),
+             "trials": np.zeros((len(lengths), len(depths)), dtype=int)},
+        )  # fmt: skip
+        if grid["lengths"] != lengths or grid["depths"] != depths:
+            raise ValueError(f"{e.result_file}: lengths/depths differ from the other seeds' {grid['lengths']}")
+        for i, r in enumerate(result["results"]):
+            for j, c in enumerate(r.get("cells", [])):
+                grid["correct"][i, j] += c["correct"]
+                grid["trials"][i, j] += c["trials"]
+    return grids
+
+
+def plot_depths(grids: dict[tuple[str, str], dict[str, Any]], path: Path) -> None:
+    """A heatmap per (variant, attention): passkey accuracy over all seeds by length (rows) and depth (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(0.6 + 3.4 * len(grids), 3.2), squeeze=False, sharey=True)
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")  # grey: beyond the context
+    for ax, ((variant, label), g) in zip(axes[0], grids.items(), strict=True):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            acc = np.where(g["trials"] > 0, g["correct"] / g["trials"], np.nan)
+        image = ax.imshow(np.ma.masked_invalid(acc), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+        for i in range(acc.shape[0]):
+            for j in range(acc.shape[1]):
+                if g["trials"][i, j]:
+                    ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(g["depths"])), [f"{d:g}" for d in g["depths"]])
+        ax.set_yticks(range(len(g["lengths"])), [str(n) for n in g["lengths"]])
+        ax.set_xlabel("depth of the key")
+        ax.set_title(label if variant == "" else f"{variant} / {label}", fontsize=9)
+    axes[0][0].set_ylabel("length (tokens)")
+    fig.colorbar(image, ax=axes[0].tolist(), label="exact accuracy (all seeds)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _plot(table_rows: list[dict], path: Path) -> None:

@@ -176,8 +176,52 @@ def test_evaluation_tables_from_result_files(tmp_path):
                       (2, 512, None)]  # fmt: skip
     table = ablate_evaluate.markdown(rows, [1, 2])
     accuracy_table, digits_table = table.split("**passkey digit accuracy")
-    assert f"| v | se | 0.50 ± {statistics.stdev([0.75, 0.25]):.2f} | n/a |" in accuracy_table
-    assert f"| v | se | 0.40 ± {statistics.stdev([0.5, 0.3]):.2f} | n/a |" in digits_table
+    assert f"| v | se | 0.50 ± {statistics.stdev([0.75, 0.25]):.2f} (0.75, 0.25) | n/a |" in accuracy_table
+    assert f"| v | se | 0.40 ± {statistics.stdev([0.5, 0.3]):.2f} (0.50, 0.30) | n/a |" in digits_table
+    assert "difference to" not in table  # one attention label: nothing to pair
+
+
+def test_evaluation_pairs_each_label_with_the_baseline_by_seed_and_pools_depths(tmp_path):
+    from litattn import ablate_evaluate
+    from litattn.ablate import Run
+
+    runs = [Run("v", seed, tmp_path / f"seed-{seed}") for seed in (1, 2, 3)]
+    spec = {"attention": {"causal": {"name": "causal"}, "se": {"name": "self_extend"}}, "passkey": {}}
+    evaluations = ablate_evaluate.plan({**spec, "baseline": "causal"}, runs)
+    correct = {  # (seed, label) -> correct answers of 4 at depth 0 and depth 1, length 256 then 512
+        (1, "causal"): [(4, 4), (0, 1)], (2, "causal"): [(4, 3), (1, 0)], (3, "causal"): [(3, 4), (0, 0)],
+        (1, "se"): [(4, 4), (3, 4)], (2, "se"): [(4, 4), (2, 3)], (3, "se"): [(4, 3), (4, 4)],
+    }  # fmt: skip
+    for e in evaluations:
+        e.directory.mkdir(parents=True)
+        rows = [
+            {"length": n, "cells": [{"correct": c, "trials": 4, "digit_accuracy": c / 4} for c in pair]}
+            for n, pair in zip((256, 512), correct[(e.run.seed, e.label)], strict=True)
+        ]
+        e.result_file.write_text(json.dumps({"results": rows, "depths": [0.0, 1.0]}))
+    table = ablate_evaluate.markdown(ablate_evaluate.rows(evaluations), [1, 2, 3], "causal")
+    # per seed at 512: se 7/8, 5/8, 8/8 against causal 1/8, 1/8, 0/8: differences 0.75, 0.5, 1.0
+    diffs = [0.75, 0.5, 1.0]
+    half = 4.303 * statistics.stdev(diffs) / math.sqrt(3)
+    mean = statistics.mean(diffs)
+    accuracy = table.split("**passkey accuracy: difference to causal**")[1].split("**")[0]
+    # at 256: se 8/8, 8/8, 7/8 against causal 8/8, 7/8, 7/8: differences 0, 0.125, 0
+    diffs_256 = [0.0, 0.125, 0.0]
+    half_256 = 4.303 * statistics.stdev(diffs_256) / math.sqrt(3)
+    assert (
+        f"| v | se | +0.04 [{0.125 / 3 - half_256:+.2f}, {0.125 / 3 + half_256:+.2f}] "
+        f"| +{mean:.2f} [+{mean - half:.2f}, +{mean + half:.2f}] * |" in accuracy
+    )
+    assert "| v | causal |" not in accuracy  # the baseline is not compared with itself
+    with pytest.raises(ValueError, match="evaluate.baseline 'casual' is not one of the attention labels"):
+        ablate_evaluate.plan({**spec, "baseline": "casual"}, runs)
+
+    grids = ablate_evaluate.depth_accuracy(evaluations)
+    assert list(grids) == [("v", "causal"), ("v", "se")]
+    assert grids[("v", "se")]["correct"].tolist() == [[12, 11], [9, 11]]  # summed over seeds
+    assert grids[("v", "se")]["trials"].tolist() == [[12, 12], [12, 12]]
+    ablate_evaluate.plot_depths(grids, tmp_path / "depths.png")
+    assert matplotlib.image.imread(tmp_path / "depths.png").std() > 0.05
 
 
 @pytest.mark.parametrize(
