@@ -39,6 +39,7 @@ from litattn.args import check_range, check_seed, start_work
 from litattn.checkpoint import latest_checkpoint
 from litattn.cli import parse_config
 from litattn.config import merge_overrides, resolve_model_config
+from litattn.stats import format_ci, paired_ci
 from litattn.utils import atomic_write, atomic_write_text, remove_stale_temps, version_number
 
 
@@ -152,7 +153,7 @@ def report(runs: list[Run], variants: list[str], baseline: str, seeds: list[int]
     """results.csv, results.md, loss_curves.png and summary.png of finished runs."""
     rows = [_result(run, baseline, runs) for run in runs]
     _write_csv(out_dir / "results.csv", rows)
-    table = _markdown(rows, variants, seeds, budget) + _epoch_tables(runs, variants)
+    table = _markdown(rows, variants, seeds, budget, baseline) + _epoch_tables(runs, variants)
     atomic_write_text(out_dir / "results.md", table)
     print(table)
     _plots(runs, rows, variants, out_dir)
@@ -314,8 +315,9 @@ COLUMNS = [  # (results.csv key, header, format)
 ]
 
 
-def _markdown(rows: list[dict], variants: list[str], seeds: list[int], budget) -> str:
-    """Mean ± sample standard deviation over seeds (± 0 with one seed), over the runs that know the figure."""
+def _markdown(rows: list[dict], variants: list[str], seeds: list[int], budget, baseline: str | None = None) -> str:
+    """Mean ± sample standard deviation over seeds (± 0 with one seed), over the runs that know the figure; then
+    each variant's paired difference to the baseline (default: the first variant)."""
     header = ["variant", "runs"] + [h for _, h, _ in COLUMNS] + ["params added"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     unknown = False
@@ -333,6 +335,7 @@ def _markdown(rows: list[dict], variants: list[str], seeds: list[int], budget) -
             cells.append(f"{statistics.mean(values):{fmt}} ± {spread:{fmt}}{of}")
         cells.append(f"{mine[0]['params_added']:+,}")
         lines.append("| " + " | ".join(cells) + " |")
+    paired = _paired_lines(rows, variants, baseline or variants[0])
     budget_text = ", ".join(f"{k}={v}" for k, v in (budget or {}).items()) or "the recipe's"
     note = (
         "\nn/a, or (k of n runs): a figure some runs do not have (no validation; tokens/s or peak memory of a run "
@@ -340,7 +343,43 @@ def _markdown(rows: list[dict], variants: list[str], seeds: list[int], budget) -
         if unknown
         else ""
     )
-    return "\n".join(lines) + f"\n\nSeeds {list(seeds)}; equal budget: {budget_text}; mean ± std over seeds.\n" + note
+    return (
+        "\n".join(lines)
+        + f"\n\nSeeds {list(seeds)}; equal budget: {budget_text}; mean ± std over seeds.\n"
+        + note
+        + paired
+    )
+
+
+PAIRED = ("final_val_loss", "best_val_loss", "train_val_gap")  # the quality columns compared seed by seed
+
+
+def _paired_lines(rows: list[dict], variants: list[str], baseline: str) -> str:
+    """Each other variant minus the baseline, paired by seed: mean [95% Student-t interval], `*` where the
+    interval excludes 0 (a difference larger than the seed-to-seed noise)."""
+    others = [v for v in variants if v != baseline]
+    if not others:
+        return ""
+    columns = [(k, h, f) for k, h, f in COLUMNS if k in PAIRED]
+    header = ["variant"] + [h for _, h, _ in columns]
+    lines = [
+        f"\n**difference to {baseline}** (paired by seed; mean [95% CI], * where it excludes 0)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    base = {r["seed"]: r for r in rows if r["variant"] == baseline}
+    for variant in others:
+        cells = [variant]
+        for key, _, fmt in columns:
+            diffs = [
+                r[key] - base[r["seed"]][key]
+                for r in rows
+                if r["variant"] == variant and r[key] is not None and base.get(r["seed"], {}).get(key) is not None
+            ]
+            cells.append(format_ci(*paired_ci(diffs), fmt) if diffs else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _by_epoch(run: Run) -> dict[int, tuple[float, float]]:

@@ -409,3 +409,28 @@ def test_a_grid_without_step_checkpoints_killed_at_any_phase_finishes_like_an_un
     assert all(float(r["tokens_per_sec"]) > 0 and float(r["peak_memory_gib"]) > 0 for r in got)
     assert summary["val_loss"] == pytest.approx(float(got[1]["final_val_loss"]), abs=0)
     assert "n/a" not in (out / "results.md").read_text()
+
+
+def test_results_table_pairs_each_variant_with_the_baseline_by_seed():
+    from litattn.ablate import _markdown
+
+    def row(variant, seed, loss, gap=None):
+        return {"variant": variant, "seed": seed, "final_val_loss": loss, "final_val_ppl": math.exp(loss),
+                "best_val_loss": loss, "train_val_gap": gap, "tokens_per_sec": 100.0, "peak_memory_gib": 1.0,
+                "params_added": 0}  # fmt: skip
+
+    base = {1: 3.00, 2: 3.10, 3: 2.95}
+    ssa = {1: 2.90, 2: 3.02, 3: 2.84}  # differences -0.10, -0.08, -0.11: consistent, so the interval excludes 0
+    rows = [row("causal", s, v) for s, v in base.items()] + [row("ssa", s, v) for s, v in ssa.items()]
+    rows += [row("noisy", 1, 3.10), row("noisy", 2, 3.00), row("noisy", 3, 2.95)]  # +0.10, -0.10, 0: no
+    table = _markdown(rows, ["causal", "ssa", "noisy"], [1, 2, 3], None)
+    diffs = [ssa[s] - base[s] for s in base]
+    half = 4.303 * statistics.stdev(diffs) / math.sqrt(3)
+    mean = statistics.mean(diffs)
+    paired = table.split("**difference to causal**")[1]
+    want = f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] *"
+    assert f"| ssa | {want} | {want} | n/a |" in paired  # the gap is unknown: n/a
+    noisy = paired.split("| noisy | ")[1].split(" | ")[0]
+    assert noisy.startswith("+0.0000 [") and not noisy.endswith("*")
+    assert "| causal |" not in paired
+    assert "**difference to ssa**" in _markdown(rows, ["causal", "ssa", "noisy"], [1, 2, 3], None, "ssa")
