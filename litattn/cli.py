@@ -78,6 +78,7 @@ COMMANDS = {
         "perplexity": "litattn.evaluate:perplexity",
         "passkey": "litattn.passkey:passkey",
         "streaming": "litattn.evaluate:streaming_perplexity",
+        "attention": "litattn.evaluate_attention:attention_statistics",
     },
     "visualize": {"attention": "litattn.visualize:attention"},
     "truncate": {"build": "litattn.truncation.cli:build", "apply": "litattn.truncation.cli:apply"},
