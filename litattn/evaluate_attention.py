@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from litattn.args import check_range, start_work
+from litattn.attention.base import AttentionMechanism
 from litattn.attention.statistics import AttentionStatistics, bucket_label
 from litattn.checkpoint import load_with_tokenizer
 from litattn.data.base import DataModule
@@ -93,12 +94,13 @@ def attention_statistics(
         data.setup(tokenizer, config.vocab_size, n, Path(cache_dir))
         batch = _windows(data.val_dataset(), windows)
         stats = AttentionStatistics(sinks)
-        with progress_bar(len(batch), _short(checkpoint_dir)) as bar:
+        with MechanismProbe(model, stats) as probe, progress_bar(len(batch), _short(checkpoint_dir)) as bar:
             for start in range(0, len(batch), micro_batch_size):
                 idx = batch[start : start + micro_batch_size].to(model.lm_head.weight.device)
                 model.observe(idx, stats)
                 bar.update(len(idx))
         results.append(_result(checkpoint_dir, config.attention, stats, per_head, n, len(batch)))
+        results[-1]["temperatures"] = probe.temperature_summary()
         print(format_table(results[-1]))
     out = {"length": results[0]["length"], "windows": windows, "sinks": sinks, "checkpoints": results}
     out_dir = Path(out_dir)
@@ -106,6 +108,52 @@ def attention_statistics(
     plot(out, out_dir / "attention_stats.png")
     print(f"Saved {out_dir / 'attention_stats.json'} and {out_dir / 'attention_stats.png'}")
     return out
+
+
+class MechanismProbe:
+    """Forward pre-hooks on every block's attention mechanism, for what the probabilities alone do not show: a
+    segmenting mechanism's segment ids go to the statistics observer (mass in the query's own segment), and a
+    mechanism with `temperatures(q, v, ctx)` (SSA) has its query and value temperatures recorded."""
+
+    QUANTILES = (0.05, 0.5, 0.95)
+
+    def __init__(self, model: torch.nn.Module, stats: AttentionStatistics) -> None:
+        self.model, self.stats = model, stats
+        self.values: dict[tuple[int, str], list[torch.Tensor]] = {}  # (block, query|value) -> flattened batches
+        self._handles: list = []
+
+    def __enter__(self) -> MechanismProbe:
+        for module in self.model.modules():
+            if isinstance(module, AttentionMechanism):
+                self._handles.append(module.register_forward_pre_hook(self._before))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _before(self, mechanism: AttentionMechanism, args: tuple) -> None:
+        q, _, v, ctx = args
+        key = mechanism.segment_key
+        if key is not None and key in ctx.metadata:
+            self.stats.segments = ctx.metadata[key]
+        if hasattr(mechanism, "temperatures"):
+            for kind, t in mechanism.temperatures(q, v, ctx).items():
+                self.values.setdefault((mechanism.block_idx, kind), []).append(t.detach().float().flatten().cpu())
+
+    def temperature_summary(self) -> list[dict[str, Any]]:
+        """Per block and kind: mean, std, min, max and the 5/50/95% quantiles over every token and head."""
+        out = []
+        for (block, kind), parts in sorted(self.values.items()):
+            t = torch.cat(parts)
+            q = torch.quantile(t, torch.tensor(self.QUANTILES))
+            quantiles = {f"q{round(100 * p)}": x.item() for p, x in zip(self.QUANTILES, q, strict=True)}
+            out.append(
+                {"layer": block, "kind": kind, "mean": t.mean().item(), "std": t.std().item(), "min": t.min().item(),
+                 "max": t.max().item(), **quantiles}
+            )  # fmt: skip
+        return out
 
 
 def _windows(dataset, count: int) -> torch.Tensor:
@@ -151,11 +199,19 @@ def format_table(result: dict[str, Any]) -> str:
     header = ["layer", *(f"H/ln n {b}" for b in result["buckets"][1:]), "max p", *sinks]
     lines = [f"{result['checkpoint_dir']} ({describe_spec(result['attention'])}, {result['windows']} windows "
              f"of {result['length']})", " ".join(f"{h:>11}" for h in header)]  # fmt: skip
+    segments = any(e["overall"]["segment_mass"] is not None for e in result["layers"])
+    if segments:
+        lines[1] += f" {'own segment':>11}"
     for entry in result["layers"]:
         norm = entry["by_bucket"]["normalized_entropy"][1:]
         cells = [str(entry["layer"]), *(_fmt(v) for v in norm), _fmt(entry["overall"]["max_prob"])]
         cells += [_fmt(entry["overall"][k]) for k in sinks]
+        cells += [_fmt(entry["overall"]["segment_mass"])] if segments else []
         lines.append(" ".join(f"{c:>11}" for c in cells))
+    for t in result.get("temperatures", []):
+        lines.append(
+            f"layer {t['layer']} {t['kind']} temperature: mean {t['mean']:.3f}, 5-95% {t['q5']:.3f}-{t['q95']:.3f}"
+        )
     return "\n".join(lines)
 
 

@@ -131,6 +131,8 @@ def test_the_command_compares_checkpoints_on_the_same_windows(two_checkpoints, t
     assert matplotlib.image.imread(tmp_path / "attention_stats.png").std() > 0.05
     printed = capsys.readouterr().out
     assert "H/ln n 2-3" in printed and "max p" in printed and "sink_4" in printed
+    assert "layer 1 value temperature: mean" in printed and saved["checkpoints"][0]["temperatures"] == []
+    assert {t["kind"] for t in saved["checkpoints"][1]["temperatures"]} == {"query", "value"}
 
     # the same windows again with another spec: the causal checkpoint read as SSA at identity changes nothing
     same = attention_statistics(
@@ -154,3 +156,43 @@ def test_bad_arguments_fail_before_work(two_checkpoints, tmp_path, kwargs, messa
     args = {"checkpoint_dirs": [a], "data": TextFiles(train_dirs=[text]), "out_dir": tmp_path, "cache_dir": tmp_path}
     with pytest.raises(ValueError, match=message):
         attention_statistics(**{**args, **kwargs})
+
+
+def test_the_probe_hands_segments_over_and_records_temperatures(small_chunks):  # noqa: F811
+    from litattn.evaluate_attention import MechanismProbe
+
+    model, idx, metadata, _ = case("disrupt_set")  # row 0: segments [0, 4), [4, 8), [8, 11); row 1: one segment
+    maps = model.attention_maps(idx)
+    stats = AttentionStatistics(sinks=1)
+    with MechanismProbe(model, stats) as probe:
+        model.observe(idx, stats)
+    segments = torch.tensor([[0] * 4 + [1] * 4 + [2] * 3, [0] * 11])
+    for layer, p in enumerate(maps):
+        same = (segments[:, None, :] == segments[:, :, None]).double()  # (B, T, T): key in the query's segment
+        mass = (p.double() * same[:, None]).sum(-1)  # (B, H, T)
+        want = [mass[..., [i for i in range(11) if int(math.log2(i + 1)) == b]].mean() for b in range(4)]
+        torch.testing.assert_close(stats.summary()[layer]["segment_mass"], torch.stack(want))
+    assert float(stats.summary()[0]["segment_mass"][3]) < 1  # the sinks outside the segment take some mass
+    assert probe.temperature_summary() == [] and not model.transformer.h[0].attn.mechanism._forward_pre_hooks
+
+    model, idx, _, _ = case("ssa")
+    with MechanismProbe(model, AttentionStatistics()) as probe:
+        model.observe(idx, probe.stats)
+    kinds = [(s["layer"], s["kind"]) for s in probe.temperature_summary()]
+    assert kinds == [(0, "query"), (0, "value"), (1, "query"), (1, "value")]
+
+    # the position term alone, by hand: 1 + g exp(-exp(beta)) ln(position + 1) at positions 0 .. 10
+    from test_truncation import tiny
+
+    model = tiny({"name": "ssa", "token_temperature": False, "value_temperature": False})
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.mechanism.position_gate.fill_(1.0)
+    with MechanismProbe(model, AttentionStatistics()) as probe:
+        model.observe(idx, probe.stats)
+    beta = float(model.transformer.h[0].attn.mechanism.beta.detach())
+    factors = torch.tensor([1 + math.exp(-math.exp(beta)) * math.log(i + 1) for i in range(11)])
+    first = probe.temperature_summary()[0]
+    assert (first["layer"], first["kind"]) == (0, "query") and len(probe.temperature_summary()) == 2
+    assert first["mean"] == pytest.approx(float(factors.mean()), rel=1e-5)
+    assert (first["min"], first["max"]) == pytest.approx((1.0, float(factors[-1])), rel=1e-5)

@@ -146,6 +146,10 @@ class AttentionMechanism(nn.Module):
     metadata_keys: ClassVar[dict[str, str]] = {}
     """The batch metadata the mechanism reads, name -> "shape: meaning" (e.g. {"segment_ids": "(B, T) long:
     the segment of each token"}). Metadata the mechanism does not declare is an error, never ignored."""
+    segment_key: ClassVar[str | None] = None
+    """The metadata key of per-token segment ids (B, T) long, once `prepare_context` has run, for a mechanism
+    that splits a sequence into segments; `litattn evaluate attention` reports the mass kept in a query's own
+    segment from it."""
     cache_before_rope: bool = False
     """Cache keys before RoPE and rotate the cached keys at their stored positions on every step
     (the cache then keeps each slot's position), instead of caching rotated keys. A class default an instance

@@ -61,6 +61,7 @@ class DisruptSET(AttentionMechanism):
     Options = DisruptSETOptions
     metadata_keys = {SEGMENT_IDS: "(B, T) long: the segment of each token (a Disrupt token starts one)"}
     cached_extras = {SEGMENT_IDS: torch.long}
+    segment_key = SEGMENT_IDS
 
     def __init__(self, config: Config, block_idx: int, options: DisruptSETOptions):
         super().__init__(config, block_idx, options)

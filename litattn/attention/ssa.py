@@ -176,19 +176,35 @@ class SelectiveSelfAttention(AttentionMechanism):
         logit = logit + bias.to(u.dtype)[:, None]
         return (1.0 + self.options.temperature_bound * torch.tanh(logit)).unsqueeze(-1)
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        # q (B, nh, T, hs), k and v (B, ng, T, hs), all before RoPE
+    def query_scale(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
+        """The per-query multiplier (position factor x token factor): (T, 1) or (B, nh, T, 1); None when off."""
         opts = self.options
-        scale = None  # per-query multiplier: (T, 1) or (B, nh, T, 1)
+        scale = None
         if opts.position_temperature:
             scale = self.position_factor(ctx, q.dtype)
         if opts.token_temperature:
             tau_q = self.token_factor(q, self.query_weight, self.query_bias)  # from the unscaled query
             scale = tau_q if scale is None else scale * tau_q
+        return scale
+
+    def temperatures(self, q: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> dict[str, torch.Tensor]:
+        """What `forward` multiplies queries and values by, for `litattn evaluate attention`: `query` (B, nh, T)
+        and `value` (B, ng, T), each only when its temperature is on."""
+        out = {}
+        scale = self.query_scale(q, ctx)
+        if scale is not None:
+            out["query"] = scale.expand(*q.shape[:-1], 1)[..., 0]
+        if self.options.value_temperature:
+            out["value"] = self.token_factor(v, self.value_weight, self.value_bias)[..., 0]
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        # q (B, nh, T, hs), k and v (B, ng, T, hs), all before RoPE
+        scale = self.query_scale(q, ctx)  # (T, 1) or (B, nh, T, 1)
         if scale is not None:
             q = q * scale
-        if opts.value_temperature:
+        if self.options.value_temperature:
             v = v * self.token_factor(v, self.value_weight, self.value_bias)  # before the KV cache
         return self.base(q, k, v, ctx)  # (B, nh, T, hs)
 
