@@ -5,7 +5,9 @@
 Each run is the base recipe (a config_hub YAML) + the ablation's common overrides + the variant's
 overrides + the budget + the seed, written to `<out_dir>/<variant>/seed-<seed>/run.yaml` and run
 as its own `litattn <entry_point>` process. A given seed means the same initial RNG stream and
-the same data order for every variant, so variants differ only in what they override.
+the same data order for every variant, so variants differ only in what they override. `{seed}` and
+`{variant}` in a string value become the run's own (a second stage continuing each run of a first:
+`initial_checkpoint_dir: out/stage-1/{variant}/seed-{seed}/final`).
 
 A run is finished when its `summary.json` exists; a rerun skips finished runs and resumes
 interrupted ones from their newest checkpoint (`step-*/` or `final/`: every run gets `--resume auto`), so a
@@ -172,7 +174,19 @@ def _run_config(recipe: dict, overrides: dict | None, variant: dict | None, budg
             train.pop(limit, None)
         train.update(budget)
     config.update(seed=run.seed, out_dir=str(run.directory))
-    return config
+    return _fill_placeholders(config, run)
+
+
+def _fill_placeholders(value: Any, run: Run) -> Any:
+    """`{seed}` and `{variant}` in any string of a run's config become the run's own, so a run can continue its
+    seed's checkpoint of an earlier ablation (`initial_checkpoint_dir: out/stage-1/{variant}/seed-{seed}/final`)."""
+    if isinstance(value, dict):
+        return {k: _fill_placeholders(v, run) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill_placeholders(v, run) for v in value]
+    if isinstance(value, str):
+        return value.replace("{seed}", str(run.seed)).replace("{variant}", run.variant)
+    return value
 
 
 def _validate(entry_point: str, config: dict, variant: str) -> None:

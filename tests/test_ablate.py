@@ -434,3 +434,13 @@ def test_results_table_pairs_each_variant_with_the_baseline_by_seed():
     assert noisy.startswith("+0.0000 [") and not noisy.endswith("*")
     assert "| causal |" not in paired
     assert "**difference to ssa**" in _markdown(rows, ["causal", "ssa", "noisy"], [1, 2, 3], None, "ssa")
+
+
+def test_seed_and_variant_placeholders_become_each_runs_own(tmp_path):
+    from litattn.ablate import Run, _run_config
+
+    recipe = {"initial_checkpoint_dir": "out/stage-1/{variant}/seed-{seed}/final", "train": {"max_steps": 5}}
+    overrides = {"log": {"notes": ["seed {seed}", 3]}}
+    config = _run_config(recipe, overrides, {}, {"max_steps": 7}, Run("ssa", 2, tmp_path / "ssa" / "seed-2"))
+    assert config["initial_checkpoint_dir"] == "out/stage-1/ssa/seed-2/final"
+    assert config["log"]["notes"] == ["seed 2", 3] and config["train"] == {"max_steps": 7} and config["seed"] == 2
