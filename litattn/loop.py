@@ -313,6 +313,7 @@ def _prepare_data(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, re
     """(tokenizer, train dataset, validation dataset); rank 0 prepares the cache, the others then read it."""
     config = plan.config
     seq_len = run.train.max_seq_length or config.block_size
+    data.seed_from_run(run.runtime.seed)  # the data's random draws follow the run's seed unless pinned
     with fabric.rank_zero_first():
         tokenizer = run_tokenizer(run.tokenizer_dir, resume_dir or plan.initial_checkpoint_dir)
         tokenizer = data.setup(tokenizer, config.vocab_size, seq_len, run.runtime.cache_dir)

@@ -336,7 +336,8 @@ def test_inject_tokens_wraps_a_text_corpus(corpus, tokenizer, cache):
     assert data.describe().startswith(data.data.describe())
     assert data.describe().endswith(
         "token injection: Disrupt tokens at document starts, every 16 tokens; topic SET tokens "
-        "(<|set_8|>..<|set_15|>) after sentences, re-drawn every epoch; drawn from (seed 0, epoch, item), "
+        "(<|set_8|>..<|set_15|>) after sentences, re-drawn every epoch; drawn from (seed 0 (outside a run), "
+        "epoch, item), "
         "validation as at epoch 0; "
         "inserted tokens are not targets; items carry segment_ids"
     )
@@ -449,3 +450,18 @@ def test_wrappers_know_their_innermost_data_module():
     assert InjectTokens(PasskeyMix(inner), disrupt={"every": "document"}).innermost() is inner
     alpaca = AlpacaJSON.__new__(AlpacaJSON)  # no file needed to ask what kind of data it is
     assert InjectTokens(alpaca, set={"kind": "entity"}).innermost() is alpaca and inner.innermost() is inner
+
+
+def test_the_run_seed_draws_the_placements_unless_the_seed_is_pinned(corpus, tokenizer, cache):
+    def items(seed=None, run_seed=None):
+        data = InjectTokens(TextFiles([corpus], extensions=[".py"]), set={"probability": 0.5}, seed=seed)
+        if run_seed is not None:
+            data.seed_from_run(run_seed)
+        data.setup(tokenizer, 512, 64, cache)
+        return [data.train_dataset()[i]["input_ids"].tolist() for i in range(6)], data.describe()
+
+    run1, described = items(run_seed=1)
+    assert run1 != items(run_seed=2)[0] and "seed 1 (the run's)" in described
+    assert items(run_seed=0)[0] == items()[0]  # outside a run: seed 0, as before run seeds reached the data
+    pinned, described = items(seed=5, run_seed=1)
+    assert pinned == items(seed=5, run_seed=2)[0] and "seed 5 (pinned)" in described

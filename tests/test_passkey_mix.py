@@ -107,7 +107,7 @@ def test_other_items_and_validation_are_the_corpus(corpus, tokenizer, cache):
     assert data.val_dataset().path == data.corpus.val_dataset().path
     assert data.training_hooks() == data.corpus.training_hooks() == []
     assert data.describe().startswith(data.corpus.describe())
-    assert "passkey samples replace ~25% of training windows (seed 0)" in data.describe()
+    assert "passkey samples replace ~25% of training windows (seed 0 (outside a run))" in data.describe()
     with pytest.raises(IndexError):
         ds[len(ds)]
 
@@ -144,7 +144,8 @@ def test_pretrain_with_passkey_mix_from_the_command_line(tmp_path, corpus, token
         "--eval.interval", "0", "--log.sample_prompt", "null", "--out_dir", str(out),
     ]  # fmt: skip
     main(args)
-    assert "passkey samples replace ~50% of training windows (seed 0)" in capsys.readouterr().out
+    # the run's seed (42, the default) draws the samples: the module's own seed is not pinned
+    assert "passkey samples replace ~50% of training windows (seed 42 (the run's))" in capsys.readouterr().out
     assert (out / "final" / "model.safetensors").is_file() and (out / "summary.json").is_file()
     data = yaml.safe_load((out / "final" / "hyperparameters.yaml").read_text())["data"]
     assert data["class_path"] == "litattn.data.passkey_mix.PasskeyMix" and data["init_args"]["fraction"] == 0.5
@@ -156,3 +157,16 @@ def test_windows_are_a_dataset_of_the_corpus_length(corpus, tokenizer, cache):
     assert isinstance(ds, PasskeyWindows) and len(ds) == len(data.corpus.train_dataset())
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert batch["input_ids"].shape == batch["labels"].shape == (4, SEQ_LEN)
+
+
+def test_the_run_seed_draws_the_samples_unless_the_seed_is_pinned(corpus, tokenizer, cache):
+    def samples(seed=None, run_seed=None):
+        data = PasskeyMix(TextFiles([corpus], extensions=[".py"]), fraction=0.5, seed=seed)
+        if run_seed is not None:
+            data.seed_from_run(run_seed)
+        data.setup(tokenizer, 512, SEQ_LEN, cache)
+        windows = data.train_dataset()
+        return [(windows.is_passkey(i), windows.sample(i).key) for i in range(8)]
+
+    assert samples(run_seed=1) != samples(run_seed=2) and samples(run_seed=0) == samples()
+    assert samples(seed=3, run_seed=1) == samples(seed=3, run_seed=2) == samples(seed=3)

@@ -331,3 +331,28 @@ def test_pretrain_hybrid_with_a_sampled_prefix(tmp_path, capsys):
     data = yaml.safe_load((out / "final" / "hyperparameters.yaml").read_text())["data"]
     assert data["class_path"] == "litattn.data.prefix.SampledPrefix"
     assert data["init_args"]["data"]["class_path"] == "litattn.data.stdlib.StdlibCorpus"
+
+
+def test_the_run_seed_draws_prefixes_and_strings_unless_the_seed_is_pinned(cache):
+    def prefixes(seed=None, run_seed=None):
+        data = SampledPrefix(FakeCorpus(), seed=seed)
+        if run_seed is not None:
+            data.seed_from_run(run_seed)
+        data.setup(None, 512, SEQ_LEN, Path("unused"))
+        return prefix_lengths(data.train_dataset(), 100)
+
+    assert prefixes(run_seed=1) != prefixes(run_seed=2) and prefixes(run_seed=0) == prefixes()
+    assert prefixes(seed=4, run_seed=1) == prefixes(seed=4, run_seed=2)
+
+    def strings(seed=None, run_seed=None):
+        data = PrefixTask(seed=seed)
+        if run_seed is not None:
+            data.seed_from_run(run_seed)
+        data.setup(None, 320, 32, cache)
+        return data, [data.train_dataset().string(i) for i in range(50)]
+
+    (a, one), (b, two) = strings(run_seed=1), strings(run_seed=2)
+    assert one != two and not any(a.is_val(s) or b.is_val(s) for s in one + two)
+    held_out = [s for s in map(str, range(10000, 10400)) if a.is_val(s)]
+    assert held_out and all(b.is_val(s) for s in held_out)  # every run seed holds out the same strings
+    assert strings(seed=7, run_seed=1)[1] == strings(seed=7, run_seed=2)[1]

@@ -44,6 +44,10 @@ def has_prompts(dataset: object) -> bool:
 class DataModule(ABC):
     """A corpus for pretraining: `setup` tokenizes it once (cached), then the datasets read the token files."""
 
+    def seed_from_run(self, seed: int) -> None:  # noqa: B027 (a hook with a default: most modules draw nothing)
+        """The run's seed, given by the loop before `setup`: a module that draws at random uses it unless its own
+        `seed` is pinned (`RunSeeded`); a wrapper passes it to what it wraps. Default: nothing is drawn."""
+
     @abstractmethod
     def setup(self, tokenizer: Tokenizer | None, vocab_size: int, seq_len: int, cache_dir: Path) -> Tokenizer:
         """Prepare the token files; with `tokenizer=None` first train (or reuse) one of `vocab_size` tokens."""
@@ -121,6 +125,31 @@ class EpochDataset(Dataset):
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id: halves the token files for vocabularies below 65536."""
     return np.dtype(np.uint16) if vocab_size < 2**16 else np.dtype(np.uint32)
+
+
+class RunSeeded:
+    """A data module whose random draws follow the run's seed unless its `seed` field is pinned: with `seed: null`
+    (the default) an ablation's seeds vary the data as well as the initialisation and order; a number keeps the
+    same draws for every run seed. Outside a run (no `seed_from_run` call, e.g. `litattn evaluate`) it draws
+    with seed 0."""
+
+    seed: int | None
+    _run_seed: int | None = None
+
+    def seed_from_run(self, seed: int) -> None:
+        self._run_seed = seed
+
+    @property
+    def draw_seed(self) -> int:
+        """The seed the module draws with: its own when pinned, else the run's (0 outside a run)."""
+        if self.seed is not None:
+            return self.seed
+        return 0 if self._run_seed is None else self._run_seed
+
+    def seed_note(self) -> str:
+        """`seed 3 (the run's)`, `seed 0 (pinned)` or `seed 0 (outside a run)`, for `describe`."""
+        whose = "pinned" if self.seed is not None else "outside a run" if self._run_seed is None else "the run's"
+        return f"seed {self.draw_seed} ({whose})"
 
 
 class TokenWindows(Dataset):

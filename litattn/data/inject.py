@@ -68,7 +68,7 @@ from torch.utils.data import Dataset
 from litattn import tokens as tk
 from litattn.args import check_choice, check_range, check_seed
 from litattn.attention.disrupt_set import SEGMENT_IDS
-from litattn.data.base import DataModule, EpochDataset, has_prompts
+from litattn.data.base import DataModule, EpochDataset, RunSeeded, has_prompts
 from litattn.data.wrapping import wrapped_data
 from litattn.set_tokens import SETRedraw
 from litattn.tokenizer import Tokenizer
@@ -172,7 +172,7 @@ class SETPlacement:
 
 
 @dataclass
-class InjectTokens(DataModule):
+class InjectTokens(RunSeeded, DataModule):
     """Another data module's items with Disrupt and SET tokens inserted (see the module docstring for where),
     drawn afresh each epoch; lengths and label alignment kept; items gain `segment_ids`."""
 
@@ -190,8 +190,10 @@ class InjectTokens(DataModule):
     segment_ids: bool = True
     """Add `segment_ids` (seq_len,) int64 to every item: the attention metadata Disrupt/SET attention reads.
     False leaves them out (a mechanism that reads no metadata refuses batches that carry it)."""
-    seed: int = 0
-    """Seed of the random placements and of the SET ids drawn; items depend on (seed, epoch, index) alone."""
+    seed: int | None = None
+    """Seed of the random placements and of the SET ids drawn (items depend on (seed, epoch, index) alone);
+    null: the run's seed (so an ablation's seeds vary the data too), a number: the same draws for every run
+    seed."""
 
     def __post_init__(self) -> None:
         self.data = wrapped_data(self.data, "data", "StdlibCorpus, TextFiles, AlpacaJSON", InjectTokens)
@@ -201,8 +203,13 @@ class InjectTokens(DataModule):
             raise ValueError("InjectTokens inserts nothing: give disrupt (e.g. {every: document}) and/or set")
         _check_bool("predict_injected", self.predict_injected)
         _check_bool("segment_ids", self.segment_ids)
-        check_seed("seed", self.seed)
+        if self.seed is not None:
+            check_seed("seed", self.seed)
         self._injector: Injector | None = None
+
+    def seed_from_run(self, seed: int) -> None:
+        super().seed_from_run(seed)
+        self.data.seed_from_run(seed)
 
     def setup(self, tokenizer: Tokenizer | None, vocab_size: int, seq_len: int, cache_dir: Path) -> Tokenizer:
         tokenizer = self.data.setup(tokenizer, vocab_size, seq_len, cache_dir)
@@ -210,12 +217,12 @@ class InjectTokens(DataModule):
         return tokenizer
 
     def train_dataset(self) -> InjectedDataset:
-        return InjectedDataset(self.data.train_dataset(), self._require_setup(), self.seed, "train")
+        return InjectedDataset(self.data.train_dataset(), self._require_setup(), self.draw_seed, "train")
 
     def val_dataset(self) -> InjectedDataset:
         """Injected like the training items but always as at epoch 0, so the validation loss of different
         epochs is measured on the same items."""
-        return InjectedDataset(self.data.val_dataset(), self._require_setup(), self.seed, "val", fixed_epoch=True)
+        return InjectedDataset(self.data.val_dataset(), self._require_setup(), self.draw_seed, "val", fixed_epoch=True)
 
     def describe(self) -> str:
         parts = []
@@ -224,7 +231,7 @@ class InjectTokens(DataModule):
         if self.set is not None:
             parts.append(self.set.describe())
         line = (
-            f"token injection: {'; '.join(parts)}; drawn from (seed {self.seed}, epoch, item), validation as at "
+            f"token injection: {'; '.join(parts)}; drawn from ({self.seed_note()}, epoch, item), validation as at "
             f"epoch 0; inserted tokens {'are' if self.predict_injected else 'are not'} targets; "
             + ("items carry segment_ids" if self.segment_ids else "no segment_ids")
         )

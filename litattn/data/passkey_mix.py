@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from litattn import passkey_prompts as pk
 from litattn.args import check_range, check_seed
-from litattn.data.base import DataModule, TokenWindows, item_index
+from litattn.data.base import DataModule, RunSeeded, TokenWindows, item_index
 from litattn.data.text_files import unit_hash
 from litattn.data.wrapping import wrapped_data
 from litattn.tokenizer import Tokenizer
@@ -48,7 +48,7 @@ class PasskeySample(NamedTuple):
 
 
 @dataclass
-class PasskeyMix(DataModule):
+class PasskeyMix(RunSeeded, DataModule):
     """A corpus whose training windows are replaced, a `fraction` of them, by passkey samples: the prompt of
     `litattn evaluate passkey` (a random key at a random depth of filler, a random length up to the window),
     the answer ` <key>.` and the end-of-text token, then the corpus window's own tokens to fill the window."""
@@ -59,21 +59,27 @@ class PasskeyMix(DataModule):
     as arguments.)"""
     fraction: float = 0.25
     """Share of the training windows replaced by a passkey sample, in (0, 1]."""
-    seed: int = 0
-    """Seed of which windows are replaced and of their keys, depths and lengths."""
+    seed: int | None = None
+    """Seed of which windows are replaced and of their keys, depths and lengths; null: the run's seed (so an
+    ablation's seeds vary the data too), a number: the same draws for every run seed."""
 
     def __post_init__(self) -> None:
         self.corpus = wrapped_data(self.corpus, "corpus", "StdlibCorpus, TextFiles", PasskeyMix)
         check_range("fraction", self.fraction, gt=0, le=1)
-        check_seed("seed", self.seed)
+        if self.seed is not None:
+            check_seed("seed", self.seed)
         self._tokenizer: Tokenizer | None = None
         self._seq_len: int | None = None
+
+    def seed_from_run(self, seed: int) -> None:
+        super().seed_from_run(seed)
+        self.corpus.seed_from_run(seed)
 
     def setup(self, tokenizer: Tokenizer | None, vocab_size: int, seq_len: int, cache_dir: Path) -> Tokenizer:
         tokenizer = self.corpus.setup(tokenizer, vocab_size, seq_len, cache_dir)
         if tokenizer.eos_id is None:
             raise ValueError(f"PasskeyMix ends each answer with EOS, and the tokenizer {tokenizer!r} has none")
-        rng = random.Random(_salt(self.seed, "setup"))
+        rng = random.Random(_salt(self.draw_seed, "setup"))
         keys = [KEY_RANGE[0], KEY_RANGE[1], *(rng.randint(*KEY_RANGE) for _ in range(_SETUP_KEYS))]
         question = tokenizer.encode(pk.QUESTION)
         build = pk.PromptBuilder(tokenizer)
@@ -89,7 +95,9 @@ class PasskeyMix(DataModule):
     def train_dataset(self) -> PasskeyWindows:
         if self._tokenizer is None:
             raise RuntimeError("PasskeyMix.setup(...) must be called before asking for a dataset")
-        return PasskeyWindows(self.corpus.train_dataset(), self._tokenizer, self._seq_len, self.fraction, self.seed)
+        return PasskeyWindows(
+            self.corpus.train_dataset(), self._tokenizer, self._seq_len, self.fraction, self.draw_seed
+        )
 
     def val_dataset(self) -> TokenWindows:
         """The corpus's validation windows unchanged: text only, so the validation loss stays comparable with a
@@ -99,7 +107,7 @@ class PasskeyMix(DataModule):
     def describe(self) -> str:
         return (
             f"{self.corpus.describe()}\npasskey samples replace ~{100 * self.fraction:g}% of training windows "
-            f"(seed {self.seed}); validation is the corpus's text only"
+            f"({self.seed_note()}); validation is the corpus's text only"
         )
 
     def training_hooks(self) -> list[TrainingHook]:

@@ -53,7 +53,7 @@ from torch.utils.data import Dataset
 
 from litattn.args import check_range, check_seed
 from litattn.attention.hybrid import PREFIX_LEN
-from litattn.data.base import DataModule, EpochDataset
+from litattn.data.base import DataModule, EpochDataset, RunSeeded
 from litattn.data.wrapping import wrapped_data
 from litattn.tokenizer import Tokenizer
 
@@ -65,7 +65,7 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class SampledPrefix(DataModule):
+class SampledPrefix(RunSeeded, DataModule):
     """Another data module's windows, each with a thought prefix of a sampled length (`prefix_len`) whose targets
     are masked: the loss is on the tokens after the prefix (see the module docstring for the distribution)."""
 
@@ -82,8 +82,9 @@ class SampledPrefix(DataModule):
     val_prefix_fraction: float | None = None
     """Every validation window's prefix is round(val_prefix_fraction x seq_len) tokens; null: drawn from the
     training distribution by (seed, index), the same at every evaluation."""
-    seed: int = 0
-    """Seed of the prefix lengths; items depend on (seed, epoch, index) alone."""
+    seed: int | None = None
+    """Seed of the prefix lengths (items depend on (seed, epoch, index) alone); null: the run's seed (so an
+    ablation's seeds vary the data too), a number: the same draws for every run seed."""
 
     def __post_init__(self) -> None:
         self.data = wrapped_data(self.data, "data", "StdlibCorpus, TextFiles", SampledPrefix)
@@ -93,8 +94,13 @@ class SampledPrefix(DataModule):
             raise ValueError(f"max_fraction must be >= min_fraction ({self.min_fraction}), got {self.max_fraction}")
         check_range("probability", self.probability, ge=0, le=1)
         check_range("val_prefix_fraction", self.val_prefix_fraction, ge=0, le=1, null="the training distribution")
-        check_seed("seed", self.seed)
+        if self.seed is not None:
+            check_seed("seed", self.seed)
         self._seq_len: int | None = None
+
+    def seed_from_run(self, seed: int) -> None:
+        super().seed_from_run(seed)
+        self.data.seed_from_run(seed)
 
     def setup(self, tokenizer: Tokenizer | None, vocab_size: int, seq_len: int, cache_dir: Path) -> Tokenizer:
         tokenizer = self.data.setup(tokenizer, vocab_size, seq_len, cache_dir)
@@ -105,13 +111,13 @@ class SampledPrefix(DataModule):
 
     def train_dataset(self) -> PrefixWindows:
         draw = self._draw()
-        return PrefixWindows(self.data.train_dataset(), draw, self.seed, "train")
+        return PrefixWindows(self.data.train_dataset(), draw, self.draw_seed, "train")
 
     def val_dataset(self) -> PrefixWindows:
         draw = self._draw()
         if self.val_prefix_fraction is not None:
             draw = PrefixDraw(self.val_prefix_fraction, self.val_prefix_fraction, 1.0, fixed=True)
-        return PrefixWindows(self.data.val_dataset(), draw, self.seed, "val", fixed_epoch=True)
+        return PrefixWindows(self.data.val_dataset(), draw, self.draw_seed, "val", fixed_epoch=True)
 
     def describe(self) -> str:
         if self.probability == 0:
@@ -127,8 +133,8 @@ class SampledPrefix(DataModule):
             else f"{self.val_prefix_fraction:g} x seq_len for every window"
         )
         return (
-            f"{self.data.describe()}\nthought prefix: each training window gets {dist}, drawn from (seed {self.seed}, "
-            f"epoch, index); validation prefixes {val}; no loss on targets inside a prefix"
+            f"{self.data.describe()}\nthought prefix: each training window gets {dist}, drawn from "
+            f"({self.seed_note()}, epoch, index); validation prefixes {val}; no loss on targets inside a prefix"
         )
 
     def training_hooks(self) -> list[TrainingHook]:

@@ -21,9 +21,10 @@ Layout, as instruction data's (InstructionDataset):
 The last prefix position (the separator's last token) predicts the first answer token, which no prefix position sees.
 
 The string's length is uniform on min_length .. max_length, its symbols uniform and independent. Splits: a
-string belongs to validation when a hash of (seed, string) is below `val_fraction`, so no validation string
-is ever trained on; each split draws strings until one of its own comes up. Item i is a pure function of (seed,
-split, epoch, i): training items are new strings every epoch (the loop calls `set_epoch`), validation items the
+string belongs to validation when a hash of (seed, string) is below `val_fraction` (seed 0 when the seed
+follows the run's, so the split is the same for every run seed), so no validation string is ever trained
+on; each split draws strings until one of its own comes up. Item i is a pure function of (seed, split, epoch,
+i): training items are new strings every epoch (the loop calls `set_epoch`), validation items the
 same at every evaluation.
 
 Tokenizer: the run's (a checkpoint's, or `tokenizer_dir`), or, when there is none, a byte-level BPE trained
@@ -43,7 +44,7 @@ from torch.utils.data import Dataset
 
 from litattn.args import check_range, check_seed
 from litattn.attention.hybrid import PREFIX_LEN
-from litattn.data.base import DataModule
+from litattn.data.base import DataModule, RunSeeded
 from litattn.data.text_files import unit_hash
 from litattn.tokenizer import Tokenizer, train_or_load_tokenizer
 from litattn.utils import atomic_write_text, content_key
@@ -67,7 +68,7 @@ _MAX_DRAWS = 1000
 
 
 @dataclass
-class PrefixTask(DataModule):
+class PrefixTask(RunSeeded, DataModule):
     """Reverse or sort a random string of symbols given as the prefix; the loss is on the answer (the suffix)."""
 
     task: Task = "reverse"
@@ -89,8 +90,9 @@ class PrefixTask(DataModule):
     """Validation items (the same at every evaluation)."""
     val_fraction: float = 0.1
     """Share of all strings held out for validation (by a hash of seed and string), in (0, 1)."""
-    seed: int = 0
-    """Seed of the strings and of which are held out."""
+    seed: int | None = None
+    """Seed of the strings and of which are held out; null: the run's seed draws the strings (so an ablation's
+    seeds vary the data too) and seed 0 the split, a number: the same strings and split for every run seed."""
 
     def __post_init__(self) -> None:
         if self.task not in get_args(Task):
@@ -111,7 +113,8 @@ class PrefixTask(DataModule):
             _check_int(name, getattr(self, name), 1)
         _check_int("max_length", self.max_length, self.min_length, "min_length")
         check_range("val_fraction", self.val_fraction, gt=0, lt=1)
-        check_seed("seed", self.seed)
+        if self.seed is not None:
+            check_seed("seed", self.seed)
         self._encoding: Encoding | None = None
         self._seq_len: int | None = None
         self._tokenizer_note = ""
@@ -149,8 +152,8 @@ class PrefixTask(DataModule):
         line = (
             f"PrefixTask {self.task}: strings of {self.min_length}..{self.max_length} symbols from "
             f"{self.symbols!r}; {self.train_examples:,} training items per epoch (new strings each epoch), "
-            f"{self.val_examples:,} validation items from the {self.val_fraction:g} of strings held out (seed "
-            f"{self.seed}); loss on the answer; items carry prefix_len"
+            f"{self.val_examples:,} validation items from the {self.val_fraction:g} of strings held out ("
+            f"{self.seed_note()}); loss on the answer; items carry prefix_len"
         )
         return f"{line}\n{self._tokenizer_note}" if self._tokenizer_note else line
 
@@ -173,8 +176,10 @@ class PrefixTask(DataModule):
         return "".join(f" {c}" for c in string) + self.separator, "".join(f" {c}" for c in self.answer(string))
 
     def is_val(self, string: str) -> bool:
-        """Whether a string belongs to the validation split."""
-        return unit_hash(f"litattn.prefix_task\0{self.seed}\0{string}") < self.val_fraction
+        """Whether a string belongs to the validation split: by the pinned seed, or 0 when the seed follows the
+        run, so every run seed and every evaluation holds out the same strings."""
+        split_seed = self.seed if self.seed is not None else 0
+        return unit_hash(f"litattn.prefix_task\0{split_seed}\0{string}") < self.val_fraction
 
     def _tokenizer_text(self, cache_dir: Path) -> Path:
         """A text of task examples for training a tokenizer, written once (its path, size and mtime key the
@@ -252,7 +257,7 @@ class PrefixTaskDataset(Dataset):
     def string(self, i: int) -> str:
         """Item i's prefix string (this epoch's)."""
         t = self.task
-        key = f"litattn.prefix_task\0{t.seed}\0{self.split}\0{self.epoch}\0{i}"
+        key = f"litattn.prefix_task\0{t.draw_seed}\0{self.split}\0{self.epoch}\0{i}"
         rng = random.Random(hashlib.sha256(key.encode()).digest())
         want_val = self.split == "val"
         for _ in range(_MAX_DRAWS):
