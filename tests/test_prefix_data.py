@@ -356,3 +356,38 @@ def test_the_run_seed_draws_prefixes_and_strings_unless_the_seed_is_pinned(cache
     held_out = [s for s in map(str, range(10000, 10400)) if a.is_val(s)]
     assert held_out and all(b.is_val(s) for s in held_out)  # every run seed holds out the same strings
     assert strings(seed=7, run_seed=1)[1] == strings(seed=7, run_seed=2)[1]
+
+
+def test_distractors_follow_symbols_and_the_answer_ignores_them(cache):
+    data, tokenizer = task(cache, min_length=5, max_length=8, noise=0.5, noise_symbols="xyz")
+    train = data.train_dataset()
+    strings = [train.string(i) for i in range(300)]
+    noisy = [s for s in strings if set(s) & set("xyz")]
+    assert 0.9 * len(strings) < len(noisy)  # P(no distractor in 5+ symbols) <= 1/32
+    for s in strings[:50]:
+        clean = "".join(c for c in s if c in "0123456789")
+        assert data.answer(s) == clean[::-1] and not (set(data.answer(s)) & set("xyz"))
+        assert all(not (a in "xyz" and b in "xyz") for a, b in zip(s, s[1:], strict=False))  # no two in a row
+        assert 5 <= len(clean) <= 8 and s[0] not in "xyz"
+    share = sum(c in "xyz" for s in strings for c in s) / sum(c not in "xyz" for s in strings for c in s)
+    assert 0.4 < share < 0.6  # a distractor after about half the symbols
+    prefix, suffix = train.tokens(3)
+    assert tokenizer.decode(suffix[:-1]).split() == list(data.answer(train.string(3)))
+    assert not any(data.is_val(s) for s in strings)  # the split is by the clean string
+    assert "distractors 'xyz'" in data.describe()
+    quiet, _ = task(cache, min_length=5, max_length=8)
+    assert [quiet.train_dataset().string(i) for i in range(20)] == [data.clean(s) for s in strings[:20]]
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(noise=1.0), r"noise must be in \[0, 1\)"),
+        (dict(noise=0.5, noise_symbols="a1"), r"noise_symbols must be distinct characters that are not symbols"),
+        (dict(noise=0.5, noise_symbols="aa"), r"noise_symbols must be distinct"),
+        (dict(noise=0.5, noise_symbols="a\tb"), r"noise_symbols must not hold whitespace"),
+    ],
+)
+def test_bad_noise_options_are_one_line_errors(options, match):
+    with pytest.raises(ValueError, match=match):
+        PrefixTask(**options)

@@ -7,6 +7,10 @@ hybrid attention, litattn/attention/hybrid.py: the prefix is its bidirectional t
     reverse   prefix " 3 1 4 1 5 ="   suffix " 5 1 4 1 3<|endoftext|>"
     sort      prefix " 3 1 4 1 5 ="   suffix " 1 1 3 4 5<|endoftext|>"     (in the order of `symbols`)
 
+With `noise` > 0, distractor symbols (`noise_symbols`) follow the prefix's symbols at random and the answer
+ignores them: " 3 b 1 4 e 1 5 =" -> " 5 1 4 1 3" (reverse). Which tokens carry nothing is then a property of
+the token itself: what SSA's value temperature can learn to suppress.
+
 Each symbol is written with a leading space and tokenized alone (as is the `separator`, " =" by default), so
 every symbol is the same tokens wherever it stands (one token each with the tokenizer trained here) and the item
 is the concatenation (a BOS first where the tokenizer adds one). With `separator: "<|endthought|>"` the prefix
@@ -88,6 +92,10 @@ class PrefixTask(RunSeeded, DataModule):
     """Training items per epoch (new strings each epoch)."""
     val_examples: int = 256
     """Validation items (the same at every evaluation)."""
+    noise: float = 0.0
+    """Probability that a distractor symbol follows each symbol of the prefix (the answer ignores them), in [0, 1)."""
+    noise_symbols: str = "abcdef"
+    """The distractors (with `noise` > 0): distinct characters, no whitespace, none of `symbols` or the separator."""
     val_fraction: float = 0.1
     """Share of all strings held out for validation (by a hash of seed and string), in (0, 1)."""
     seed: int | None = None
@@ -109,6 +117,16 @@ class PrefixTask(RunSeeded, DataModule):
             raise ValueError(
                 f"separator {self.separator!r} is also a symbol; choose another separator or drop it from symbols"
             )
+        check_range("noise", self.noise, ge=0, lt=1)
+        if self.noise:
+            bad = set(self.noise_symbols) & set(self.symbols + self.separator)
+            if not self.noise_symbols or len(set(self.noise_symbols)) < len(self.noise_symbols) or bad:
+                raise ValueError(
+                    f"noise_symbols must be distinct characters that are not symbols or separator, got "
+                    f"{self.noise_symbols!r}" + (f" (shared: {''.join(sorted(bad))!r})" if bad else "")
+                )
+            if any(c.isspace() for c in self.noise_symbols):
+                raise ValueError(f"noise_symbols must not hold whitespace, got {self.noise_symbols!r}")
         for name in ("min_length", "train_examples", "val_examples"):
             _check_int(name, getattr(self, name), 1)
         _check_int("max_length", self.max_length, self.min_length, "min_length")
@@ -129,8 +147,8 @@ class PrefixTask(RunSeeded, DataModule):
             self._tokenizer_note = f"tokenizer {tokenizer.checkpoint_dir}"
         if tokenizer.eos_id is None:
             raise ValueError(f"PrefixTask ends each answer with EOS, and the tokenizer {tokenizer!r} has none")
-        encoding = Encoding.of(tokenizer, self.symbols, self.separator)
-        longest = encoding.max_tokens(self.max_length)
+        encoding = Encoding.of(tokenizer, self.symbols + self._noise_alphabet, self.separator)
+        longest = encoding.max_tokens(self.max_length, noisy=bool(self.noise))
         if longest > seq_len + 1:
             raise ValueError(
                 f"PrefixTask: an example of max_length={self.max_length} symbols takes up to {longest} tokens with "
@@ -154,6 +172,11 @@ class PrefixTask(RunSeeded, DataModule):
             f"{self.symbols!r}; {self.train_examples:,} training items per epoch (new strings each epoch), "
             f"{self.val_examples:,} validation items from the {self.val_fraction:g} of strings held out ("
             f"{self.seed_note()}); loss on the answer; items carry prefix_len"
+            + (
+                f"; distractors {self.noise_symbols!r} after a symbol with probability {self.noise:g}"
+                if self.noise
+                else ""
+            )
         )
         return f"{line}\n{self._tokenizer_note}" if self._tokenizer_note else line
 
@@ -164,8 +187,23 @@ class PrefixTask(RunSeeded, DataModule):
         n = self.train_examples if split == "train" else self.val_examples
         return PrefixTaskDataset(self, self._encoding, self._seq_len, split, n, fixed_epoch=split == "val")
 
+    @property
+    def _noise_alphabet(self) -> str:
+        return self.noise_symbols if self.noise else ""
+
+    def clean(self, string: str) -> str:
+        """The prefix string without its distractors."""
+        return "".join(c for c in string if c not in self._noise_alphabet) if self.noise else string
+
+    def with_noise(self, string: str, rng: random.Random) -> str:
+        """The string with a distractor after each symbol with probability `noise` (unchanged without noise)."""
+        if not self.noise:
+            return string
+        return "".join(c + (rng.choice(self.noise_symbols) if rng.random() < self.noise else "") for c in string)
+
     def answer(self, string: str) -> str:
-        """The suffix's symbols for a prefix string."""
+        """The suffix's symbols for a prefix string (its distractors ignored)."""
+        string = self.clean(string)
         if self.task == "reverse":
             return string[::-1]
         order = {c: i for i, c in enumerate(self.symbols)}
@@ -179,21 +217,20 @@ class PrefixTask(RunSeeded, DataModule):
         """Whether a string belongs to the validation split: by the pinned seed, or 0 when the seed follows the
         run, so every run seed and every evaluation holds out the same strings."""
         split_seed = self.seed if self.seed is not None else 0
-        return unit_hash(f"litattn.prefix_task\0{split_seed}\0{string}") < self.val_fraction
+        return unit_hash(f"litattn.prefix_task\0{split_seed}\0{self.clean(string)}") < self.val_fraction
 
     def _tokenizer_text(self, cache_dir: Path) -> Path:
         """A text of task examples for training a tokenizer, written once (its path, size and mtime key the
         tokenizer cache)."""
-        key = content_key(
-            [PREFIX_TASK_VERSION, self.task, self.symbols, self.separator, self.min_length, self.max_length]
-        )
+        parts = [PREFIX_TASK_VERSION, self.task, self.symbols, self.separator, self.min_length, self.max_length]
+        key = content_key(parts + ([self.noise, self.noise_symbols] if self.noise else []))
         path = cache_dir / f"prefix-task-{key}.txt"
         if not path.is_file():
             rng = random.Random(f"litattn.prefix_task.tokenizer\0{key}")
             lines = []
             for _ in range(_TOKENIZER_LINES):
                 string = "".join(rng.choices(self.symbols, k=rng.randint(self.min_length, self.max_length)))
-                lines.append("".join(self.text(string)))
+                lines.append("".join(self.text(self.with_noise(string, rng))))
             atomic_write_text(path, "\n".join(lines) + "\n")
         return path
 
@@ -220,10 +257,10 @@ class Encoding:
         pad = tokenizer.special_tokens.get("<|pad|>", tokenizer.eos_id)
         return cls(pieces, sep, bos, tokenizer.eos_id, pad)
 
-    def max_tokens(self, max_length: int) -> int:
-        """The most tokens an example of up to `max_length` symbols takes."""
+    def max_tokens(self, max_length: int, noisy: bool = False) -> int:
+        """The most tokens an example of up to `max_length` symbols takes (with a distractor after each, noisy)."""
         widest = max(len(p) for p in self.symbols.values())
-        return len(self.bos) + 2 * max_length * widest + len(self.separator) + 1
+        return len(self.bos) + (3 if noisy else 2) * max_length * widest + len(self.separator) + 1
 
     def __call__(self, string: str, answer: str) -> tuple[list[int], list[int]]:
         """(prefix ids, suffix ids with EOS)."""
@@ -263,7 +300,7 @@ class PrefixTaskDataset(Dataset):
         for _ in range(_MAX_DRAWS):
             string = "".join(rng.choices(t.symbols, k=rng.randint(t.min_length, t.max_length)))
             if t.is_val(string) == want_val:
-                return string
+                return t.with_noise(string, rng)
         raise ValueError(
             f"PrefixTask: no {'validation' if want_val else 'training'} string in {_MAX_DRAWS} draws: strings of "
             f"{t.min_length}..{t.max_length} symbols from {t.symbols!r} are too few; raise max_length or add symbols"
