@@ -51,7 +51,9 @@ def test_smoke_grid_produces_tables_and_plots_and_a_rerun_finishes_only_missing_
         summary = json.loads((out / r["variant"] / f"seed-{r['seed']}" / "summary.json").read_text())
         assert float(r["final_val_loss"]) == pytest.approx(summary["val_loss"], abs=1e-9)
         assert int(r["steps"]) == summary["step"] == 6 and int(r["params_added"]) == 0  # the budget; same model
-    cells = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table.splitlines() if line.startswith("| ")}
+    main_table = table.split("\n\n")[0]  # the paired differences follow in a table of their own
+    cells = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in main_table.splitlines() if line[:2] == "| "}
+    assert "| causal-masked-sdpa | +0.0000 [" in table.split("**difference to causal**")[1]
     for variant in ("causal", "causal-masked-sdpa"):  # mean ± sample std over the seeds, from the csv rows
         losses = [by_key[(variant, seed)] for seed in ("1", "2")]
         mean, std = sum(losses) / 2, abs(losses[0] - losses[1]) / 2**0.5
