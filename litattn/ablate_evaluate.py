@@ -315,7 +315,9 @@ def plot_depths(grids: dict[tuple[str, str], dict[str, Any]], path: Path) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(0.6 + 3.4 * len(grids), 3.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(grids), figsize=(1.2 + 3.2 * len(grids), 3.4), squeeze=False, sharey=True, layout="constrained"
+    )
     cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")  # grey: beyond the context
     for ax, ((variant, label), g) in zip(axes[0], grids.items(), strict=True):
         with np.errstate(invalid="ignore", divide="ignore"):
