@@ -2,13 +2,15 @@
 
     litattn evaluate attention --checkpoint_dirs [out/a/final,out/b/final] [--length 256] [--windows 16]
 
-Windows of a data module's validation split go through each checkpoint with attention computed one query
-chunk at a time (`GPT.observe`), reduced by `AttentionStatistics` (litattn/attention/statistics.py): per layer,
-by query-position bucket, the entropy of each query's distribution (raw and normalised by ln of the keys it
-sees), the largest probability, and the mass on the first 1..k positions. Several checkpoints run side by side
-on the same windows (when their tokenizers agree); `attention` overrides each checkpoint's spec.
-Writes attention_stats.json and attention_stats.png (normalised entropy against position, a line per layer
-and checkpoint) to out_dir, and prints a table per checkpoint.
+Windows of a data module's validation split (with the metadata the mechanism reads, e.g. hybrid's
+`prefix_len`, and trailing padding trimmed as validation trims it) go through each checkpoint with attention
+computed one query chunk at a time (`GPT.observe`), reduced by `AttentionStatistics`
+(litattn/attention/statistics.py): per layer, by query-position bucket, the entropy of each query's
+distribution (raw and normalised by ln of the keys it sees), the largest probability, and the mass on the
+first 1..k positions. Several checkpoints run side by side on the same windows (their tokenizers must be the
+same); `attention` overrides each checkpoint's spec. Writes attention_stats.json and attention_stats.png
+(normalised entropy against position, a line per layer and checkpoint) to out_dir, and prints a table per
+checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from litattn.attention.statistics import AttentionStatistics, bucket_label
 from litattn.checkpoint import load_with_tokenizer
 from litattn.data.base import DataModule
 from litattn.data.stdlib import StdlibCorpus
+from litattn.training import collate
 from litattn.utils import atomic_write, atomic_write_text, progress_bar
+from litattn.validation import attention_batch, may_trim
 from litattn.visualize import describe_spec
 
 
@@ -75,7 +79,7 @@ def attention_statistics(
     except ImportError as e:  # RuntimeError: the CLI reports it in one line
         raise RuntimeError(f"The attention plot needs matplotlib: pip install 'litattn[plot]' ({e})") from None
     data = StdlibCorpus() if data is None else data
-    results, vocab = [], None
+    results, first_tokenizer = [], None
     for checkpoint_dir in map(Path, checkpoint_dirs):
         model, tokenizer, config = load_with_tokenizer(checkpoint_dir, attention=attention, context=context)
         model.eval()
@@ -85,21 +89,28 @@ def attention_statistics(
                 f"length {n} is beyond what {checkpoint_dir} handles ({model.max_seq_length} tokens with attention "
                 f"{config.attention['name']!r}); lower --length or pass --context"
             )
-        if vocab is not None and tokenizer.vocab_size != vocab:
+        first_tokenizer = first_tokenizer or tokenizer
+        if tokenizer.fingerprint() != first_tokenizer.fingerprint():
             raise ValueError(
-                f"{checkpoint_dir}'s tokenizer has {tokenizer.vocab_size} tokens, the first checkpoint's {vocab}: "
+                f"{checkpoint_dir}'s tokenizer is not the first checkpoint's ({first_tokenizer.checkpoint_dir}): "
                 "compare checkpoints that share a tokenizer, so they read the same windows"
             )
-        vocab = tokenizer.vocab_size
         data.setup(tokenizer, config.vocab_size, n, Path(cache_dir))
-        batch = _windows(data.val_dataset(), windows)
+        val = data.val_dataset()
+        if len(val) == 0:
+            raise ValueError("The validation split has no window of this length; lower --length or add data")
+        chosen = torch.linspace(0, len(val) - 1, min(windows, len(val))).round().long()  # spread over the split
         stats = AttentionStatistics(sinks)
-        with MechanismProbe(model, stats) as probe, progress_bar(len(batch), _short(checkpoint_dir)) as bar:
-            for start in range(0, len(batch), micro_batch_size):
-                idx = batch[start : start + micro_batch_size].to(model.lm_head.weight.device)
-                model.observe(idx, stats)
-                bar.update(len(idx))
-        results.append(_result(checkpoint_dir, config.attention, stats, per_head, n, len(batch)))
+        device = model.lm_head.weight.device
+        with MechanismProbe(model, stats) as probe, progress_bar(len(chosen), _short(checkpoint_dir)) as bar:
+            for chunk in chosen.split(micro_batch_size):
+                # as validation reads them: padding columns trimmed where the mechanism allows, the metadata it reads
+                batch = attention_batch(model, collate(val, chunk, trim=may_trim(model)))
+                batch = {k: v.to(device) for k, v in batch.items()}
+                batch.pop("labels")
+                model.observe(batch.pop("input_ids"), stats, **batch)
+                bar.update(len(chunk))
+        results.append(_result(checkpoint_dir, config.attention, stats, per_head, n, len(chosen)))
         results[-1]["temperatures"] = probe.temperature_summary()
         print(format_table(results[-1]))
     out = {"length": results[0]["length"], "windows": windows, "sinks": sinks, "checkpoints": results}
@@ -156,32 +167,23 @@ class MechanismProbe:
         return out
 
 
-def _windows(dataset, count: int) -> torch.Tensor:
-    """(count, T) input ids of windows spread evenly over the dataset (all of them when it has fewer)."""
-    if len(dataset) == 0:
-        raise ValueError("The validation split has no window of this length; lower --length or add data")
-    count = min(count, len(dataset))
-    picks = [round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)]
-    return torch.stack([dataset[i]["input_ids"] for i in picks])
-
-
 def _clean(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
 def _result(checkpoint_dir: Path, spec: dict, stats: AttentionStatistics, per_head: bool, n: int, windows: int):
-    summary = stats.summary()
+    summary, overall = stats.summary(), stats.overall()
+    heads = stats.summary(per_head=True) if per_head else {}
     buckets = max(len(v["rows"]) for v in summary.values())
     layers = []
     for layer, columns in summary.items():
         entry = {
             "layer": layer,
-            "overall": {k: _clean(v) for k, v in stats.overall()[layer].items()},
+            "overall": {k: _clean(v) for k, v in overall[layer].items()},
             "by_bucket": {k: [_clean(float(x)) for x in v] for k, v in columns.items()},
         }
         if per_head:
-            heads = stats.summary(per_head=True)[layer]
-            entry["per_head"] = {k: [[_clean(float(x)) for x in row] for row in v] for k, v in heads.items()}
+            entry["per_head"] = {k: [[_clean(float(x)) for x in row] for row in v] for k, v in heads[layer].items()}
         layers.append(entry)
     return {
         "checkpoint_dir": str(checkpoint_dir),

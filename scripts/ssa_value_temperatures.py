@@ -31,7 +31,7 @@ def value_temperatures(checkpoint_dir: Path, items: int, cache_dir: Path) -> dic
     batch = [val[i] for i in range(min(items, len(val)))]
     idx = torch.stack([b["input_ids"] for b in batch])  # (B, T)
     in_prefix = torch.arange(idx.shape[1])[None, :] < torch.stack([b["prefix_len"] for b in batch])[:, None]
-    ids_of = lambda symbols: torch.tensor([data._encoding.symbols[c][0] for c in symbols])  # noqa: E731
+    ids_of = lambda symbols: torch.tensor([tokenizer.encode(f" {c}")[0] for c in symbols])  # noqa: E731 (as PrefixTask writes them)
     digit = torch.isin(idx, ids_of("0123456789")) & in_prefix
     distractor = torch.isin(idx, ids_of("abcdef")) & in_prefix
     seen: dict[int, torch.Tensor] = {}
