@@ -196,3 +196,14 @@ def test_the_probe_hands_segments_over_and_records_temperatures(small_chunks):  
     assert (first["layer"], first["kind"]) == (0, "query") and len(probe.temperature_summary()) == 2
     assert first["mean"] == pytest.approx(float(factors.mean()), rel=1e-5)
     assert (first["min"], first["max"]) == pytest.approx((1.0, float(factors[-1])), rel=1e-5)
+
+
+def test_checkpoints_with_different_tokenizers_are_refused(two_checkpoints, tmp_path):
+    text, a, _ = two_checkpoints
+    other = Tokenizer.train(sorted(text.glob("*.txt"))[:1], 300, tmp_path / "tok")  # another vocabulary
+    config = Config.from_name("tiny-llama", vocab_size=320, block_size=32)
+    torch.manual_seed(2)
+    b = ckpt.save_checkpoint(tmp_path / "other", GPT(config).state_dict(), config, other)
+    args = {"data": TextFiles(train_dirs=[text]), "out_dir": tmp_path, "cache_dir": tmp_path, "windows": 2}
+    with pytest.raises(ValueError, match="tokenizer is not the first checkpoint's"):
+        attention_statistics([a, b], **args)
