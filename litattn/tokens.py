@@ -66,22 +66,30 @@ class DisruptToken:
 
 @dataclass(frozen=True)
 class SETToken:
-    """A SET token in a sample, of exactly one kind: `SETToken(entity=True)` or `SETToken(topic=True)`.
+    """A SET token in a sample, of exactly one kind: `SETToken(entity=True)` (an entity follows) or
+    `SETToken(entity=False)`, the same as `SETToken(topic=True)` (a topic follows).
 
     `index` picks the token within its kind's pool of `POOL_SIZE` (entity i is `<|set_i|>`, topic i is
     `<|set_{POOL_SIZE + i}|>`); None leaves the choice to `encode_sample`'s `set_index`.
     """
 
-    entity: bool = False
-    topic: bool = False
+    entity: bool | None = None
+    topic: bool | None = None
     index: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.entity, bool) or not isinstance(self.topic, bool) or self.entity == self.topic:
+        entity, topic = self.entity, self.topic
+        if entity is None and topic is not None:
+            entity = not topic if isinstance(topic, bool) else topic
+        if topic is None and isinstance(entity, bool):
+            topic = not entity
+        if not isinstance(entity, bool) or not isinstance(topic, bool) or entity == topic:
             raise ValueError(
-                f"SETToken needs exactly one kind: SETToken(entity=True) or SETToken(topic=True), "
-                f"got entity={self.entity!r}, topic={self.topic!r}"
+                f"SETToken needs exactly one kind: SETToken(entity=True), SETToken(entity=False) or "
+                f"SETToken(topic=True), got entity={self.entity!r}, topic={self.topic!r}"
             )
+        object.__setattr__(self, "entity", entity)  # frozen: both fields hold the kind from here on
+        object.__setattr__(self, "topic", topic)
         if self.index is not None and (
             isinstance(self.index, bool) or not isinstance(self.index, int) or not 0 <= self.index < POOL_SIZE
         ):

@@ -1,5 +1,6 @@
 import json
 import pickle
+import re
 import shutil
 import sysconfig
 from pathlib import Path
@@ -22,6 +23,7 @@ PROSE = (
     "    \nAnother one, after a blank line that holds spaces.\n"
 )
 FILLER = " z" * 40  # no sentence end, no newline
+CODE = 'def f(x):\n    """Return x. Then more."""\n    return os.path.join(x, "1.5")\n# Done here. Next one.\nx = 1\n'
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +135,66 @@ def test_set_after_paragraphs_draws_from_the_pool_of_its_kind(tokenizer):
         )
         drawn |= set(item["input_ids"].tolist()) & set(tk.set_ids(tokenizer))
     assert drawn == set(tk.set_ids(tokenizer, "topic")[:3])
+
+
+def test_disrupt_every_sentence_in_prose_and_code(tokenizer):
+    item = inject(tokenizer, window(tokenizer.encode(PROSE + FILLER)), {"every": "sentence"})
+    assert text_of(tokenizer, item).startswith(
+        "<|disrupt|>Hello world.<|disrupt|> This is it!<|disrupt|> Done?<|disrupt|>\nThe end of a paragraph."
+        "<|disrupt|>\n\nA new paragraph starts.<|disrupt|> It has two sentences.<|disrupt|>\n    \nAnother one, "
+        "after a blank line that holds spaces.<|disrupt|>\n z z"
+    )  # the item's start, then the gap after each sentence end (the SET rule's places)
+    code = CODE
+    item = inject(tokenizer, window(tokenizer.encode(code + FILLER)), {"every": "sentence"})
+    assert text_of(tokenizer, item).startswith(
+        '<|disrupt|>def f(x):\n    """Return x.<|disrupt|> Then more."""<|disrupt|>\n    return os.path.join(x, "1.5")'
+        "\n# Done here.<|disrupt|> Next one.<|disrupt|>\nx = 1\n z"
+    )  # code's sentences are in its docstrings and comments: not after "os." or "1."
+    eos, D = tokenizer.eos_id, tk.disrupt_id(tokenizer)
+    a = list(range(300, 310))
+    item = inject(tokenizer, window([*a[:4], eos, *a[4:]]), {"every": "sentence"})
+    assert item["input_ids"].tolist()[:7] == [D, *a[:4], eos, D]  # document starts too
+
+
+def test_set_kind_auto_chooses_entity_or_topic_by_what_follows(tokenizer):
+    E, T = "<|set_0|>", "<|set_8|>"
+    prose = (
+        'We use Python here. Python is a language. The end. 1984 was a year. "Hamlet" is a play. It ends. '
+        "I think so. So it goes."
+    )
+    item = inject(tokenizer, window(tokenizer.encode(prose + FILLER)), set={"kind": "auto", "pool": 1})
+    assert text_of(tokenizer, item).startswith(
+        f'We use Python here.{E} Python is a language.{T} The end.{E} 1984 was a year.{E} "Hamlet" is a play.{T} '
+        f"It ends.{T} I think so.{T} So it goes.{T} z"
+    )  # Python: a name used inside a sentence; 1984: a number; "Hamlet": quoted; The, It, I, So: topics
+    code = CODE
+    item = inject(tokenizer, window(tokenizer.encode(code + FILLER)), set={"kind": "auto", "pool": 1})
+    assert text_of(tokenizer, item).startswith(
+        f'def f(x):\n    """Return x.{T} Then more."""{T}\n    return os.path.join(x, "1.5")\n# Done here.{T} '
+        f"Next one.{E}\nx = 1\n z"
+    )  # `return` is a statement, `x = 1` assigns a name
+    # ids drawn from each kind's pool: pool 3 gives set_0..2 and set_8..10
+    drawn = set()
+    for seed in range(20):
+        item = inject(tokenizer, window(tokenizer.encode(prose + FILLER)), set={"kind": "auto", "pool": 3}, seed=seed)
+        drawn |= set(item["input_ids"].tolist()) & set(tk.set_ids(tokenizer))
+    assert drawn == {*tk.set_ids(tokenizer, "entity")[:3], *tk.set_ids(tokenizer, "topic")[:3]}
+
+
+def test_the_seeds_example_equals_sentence_placement(tokenizer):
+    """The seed's sample: a Disrupt token at its start and `SETToken(entity=True)` appended. Sentences written as
+    such samples, one after another, are what `disrupt: {every: sentence}` + `set: {after: sentence}` insert."""
+    sentences = ["This is a sentence.", " It has two words more.", " Done here!", " And another one?"]
+    written = []
+    for sentence in sentences:
+        sample = [sentence]
+        sample.insert(0, tk.DisruptToken())
+        sample.append(tk.SETToken(entity=True))
+        written += sample
+    expected = tk.encode_sample(tokenizer, [*written, tk.DisruptToken(), FILLER], set_index=0)
+    plain = tokenizer.encode("".join(sentences) + FILLER)
+    item = inject(tokenizer, window(plain), {"every": "sentence"}, {"after": "sentence", "kind": "entity", "pool": 1})
+    assert sequence(item) == expected[: len(plain)]
 
 
 def test_disrupt_and_set_with_a_probability(tokenizer):
@@ -370,12 +432,12 @@ def test_bad_configuration_is_a_one_line_error(corpus):
     cases = [
         (dict(disrupt={"evry": "document"}), "disrupt has no option 'evry'; its options are every, window_start, "),
         (dict(set={"kind": "entity", "pol": 3}), "set has no option 'pol'; its options are after, kind, pool, "),
-        (dict(disrupt={"every": "sentence"}), "disrupt.every must be one of document, paragraph (or null), got "),
+        (dict(disrupt={"every": "line"}), "disrupt.every must be one of document, paragraph, sentence (or null), got "),
         (dict(disrupt={"every_n_tokens": 0}), "disrupt.every_n_tokens must be >= 1 (or null for none), got 0"),
         (dict(disrupt={"probability": 1.5}), "disrupt.probability must be in [0, 1], got 1.5"),
-        (dict(disrupt={"every": None}), "disrupt places no token: set every (document or paragraph), window_start, "),
+        (dict(disrupt={"every": None}), "disrupt places no token: set every (document, paragraph or sentence), "),
         (dict(set={"after": "word"}), "set.after must be one of sentence, paragraph, got 'word'"),
-        (dict(set={"kind": "person"}), "set.kind must be one of entity, topic, got 'person'"),
+        (dict(set={"kind": "person"}), "set.kind must be one of entity, topic, auto, got 'person'"),
         (dict(set={"pool": 9}), "set.pool must be in [1, 8], got 9"),
         (dict(set={"pool": 0}), "set.pool must be in [1, 8], got 0"),
         (dict(set={"probability": 0}), "set.probability must be in (0, 1], got 0"),
@@ -465,3 +527,38 @@ def test_the_run_seed_draws_the_placements_unless_the_seed_is_pinned(corpus, tok
     assert items(run_seed=0)[0] == items()[0]  # outside a run: seed 0, as before run seeds reached the data
     pinned, described = items(seed=5, run_seed=1)
     assert pinned == items(seed=5, run_seed=2)[0] and "seed 5 (pinned)" in described
+
+
+def test_seed_placement_resumes_across_an_epoch_bit_exactly(tmp_path, tokenizer, capsys):
+    """Disrupt per sentence, SET after it with `kind: auto`, placements re-drawn each epoch: a run resumed after
+    the epoch boundary ends with the uninterrupted run's weights, and the log gives each SET kind's share."""
+    from safetensors.torch import load_file
+
+    seed_placement = tmp_path / "seed-placement.yaml"
+    seed_placement.write_text(
+        "data:\n  init_args:\n"
+        "    disrupt: {every: sentence, every_n_tokens: null}\n"
+        "    set: {after: sentence, kind: auto, pool: 4, probability: 1.0}\n"
+        "    seed: null\n"
+    )
+
+    def run(out, *extra):
+        main([
+            "pretrain", "--config", "config_hub/pretrain/disrupt-set-debug.yaml", "--config", str(seed_placement),
+            "--accelerator", "cpu", "--tokenizer_dir", str(tokenizer.checkpoint_dir),
+            "--cache_dir", str(tmp_path / "cache"), "--log.sample_prompt", "null", "--out_dir", str(out),
+            "--train.save_interval", "1", "--eval.interval", "0", "--seed", "7", *extra,
+        ])  # fmt: skip
+        return out
+
+    straight = run(tmp_path / "straight")
+    out = capsys.readouterr().out
+    assert "Disrupt tokens at item, document and sentence starts; entity or topic (by what follows) SET" in out
+    shares = re.search(r"SET kinds in the first \d+ training items: entity \d+% \((\d+)\), topic \d+% \((\d+)\)", out)
+    assert shares and int(shares[1]) > 0 and int(shares[2]) > 0  # both kinds in one run
+    steps = sorted(int(p.name.split("-")[1]) for p in straight.glob("step-*"))
+    per_epoch = steps[-1] // 2
+    resumed = run(tmp_path / "resumed", "--resume", str(straight / f"step-{per_epoch + 1:08d}"))
+    a = load_file(straight / "final" / "model.safetensors")
+    b = load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

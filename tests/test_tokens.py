@@ -66,6 +66,13 @@ def test_entity_and_topic_tokens_come_from_separate_halves_of_the_pool(tokenizer
     assert set(a) <= set(tk.set_ids(tokenizer, "topic")) and len(set(a)) > 1
     assert decode_sample(tokenizer, encode_sample(tokenizer, SETToken(topic=True, index=7))) == "<|set_15|>"
     assert str(SETToken(topic=True, index=2)) == "<|set_10|>" and str(DisruptToken()) == "<|disrupt|>"
+    # SETToken(entity=False) is a topic token: the same object and the same ids as SETToken(topic=True)
+    assert SETToken(entity=False) == SETToken(topic=True) and SETToken(topic=False) == SETToken(entity=True)
+    assert SETToken(entity=False).kind == "topic" and SETToken(entity=False, topic=True).kind == "topic"
+    assert encode_sample(tokenizer, [SETToken(entity=False), SETToken(entity=True)]) == [
+        sid(tokenizer, 8),
+        sid(tokenizer, 0),
+    ]
 
 
 def test_a_sample_may_be_text_alone_and_other_specials_decode_by_name(tokenizer):
@@ -76,8 +83,8 @@ def test_a_sample_may_be_text_alone_and_other_specials_decode_by_name(tokenizer)
 
 
 def test_bad_token_objects_and_samples_are_clear_errors(tokenizer):
-    for kwargs in ({}, {"entity": True, "topic": True}, {"entity": 1}):
-        with pytest.raises(ValueError, match=r"^SETToken needs exactly one kind: SETToken\(entity=True\) or "):
+    for kwargs in ({}, {"entity": True, "topic": True}, {"entity": False, "topic": False}, {"entity": 1}):
+        with pytest.raises(ValueError, match=r"^SETToken needs exactly one kind: SETToken\(entity=True\), SETToken\("):
             SETToken(**kwargs)
     with pytest.raises(ValueError, match=r"^SETToken index must be an integer in \[0, 7\] or None, got 8$"):
         SETToken(entity=True, index=8)

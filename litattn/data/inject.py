@@ -21,6 +21,8 @@ token opens what follows):
              every: paragraph     document starts, and before the first token with visible text after a
                                   blank line (two or more newlines with only whitespace between: "\\n\\n" may
                                   be one token or several, e.g. "\\n", "    ", "\\n")
+             every: sentence      the item's start, document starts, and the gap after each sentence end
+                                  (SET's `after: sentence` rule below): each sentence its own segment
              window_start: true   at the start of every item
              every_n_tokens: N    before every N-th token of the item (N, 2N, ...)
              probability: p       before each token (but the first) independently with probability p
@@ -30,6 +32,8 @@ token opens what follows):
              after: paragraph     after the last visible token before a blank line or an EOS
              probability: p       each such place gets one with probability p; the id is drawn uniformly
                                   from the first `pool` ids of its kind (entity: set_0.., topic: set_8..)
+             kind: auto           per place, an entity SET where the text after it begins an entity, a
+                                  topic SET otherwise (the rule: litattn/data/entities.py)
 
 Lengths stay: an item keeps its shape (seq_len,). The tokens are inserted into the item's token sequence
 (inputs plus the last label), then:
@@ -69,6 +73,7 @@ from litattn import tokens as tk
 from litattn.args import check_choice, check_range, check_seed
 from litattn.attention.disrupt_set import SEGMENT_IDS
 from litattn.data.base import DataModule, EpochDataset, RunSeeded, has_prompts
+from litattn.data.entities import proper_names, starts_entity
 from litattn.data.wrapping import wrapped_data
 from litattn.set_tokens import SETRedraw
 from litattn.tokenizer import Tokenizer
@@ -80,8 +85,9 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 """The label of a position without a target."""
 
-DisruptEvery = Literal["document", "paragraph"]
+DisruptEvery = Literal["document", "paragraph", "sentence"]
 SetAfter = Literal["sentence", "paragraph"]
+SetKindChoice = Literal["entity", "topic", "auto"]
 
 
 @dataclass
@@ -90,7 +96,9 @@ class DisruptPlacement:
 
     every: DisruptEvery | None = "document"
     """"document": right after each end-of-text token; "paragraph": document starts and the first visible token
-    after each blank line; null: neither."""
+    after each blank line; "sentence": the item's start, document starts and the token after each sentence end
+    (SET's `after: sentence` rule), so each sentence is a segment, as the seed's samples are; null: none of
+    these."""
     window_start: bool = False
     """Also one at the start of every item (a pretraining window usually starts inside a document)."""
     every_n_tokens: int | None = None
@@ -109,7 +117,7 @@ class DisruptPlacement:
         check_range("disrupt.probability", self.probability, ge=0, le=1)
         if self.every is None and not self.window_start and self.every_n_tokens is None and self.probability == 0:
             raise ValueError(
-                "disrupt places no token: set every (document or paragraph), window_start, every_n_tokens or "
+                "disrupt places no token: set every (document, paragraph or sentence), window_start, every_n_tokens or "
                 "probability, or leave disrupt out"
             )
 
@@ -119,6 +127,8 @@ class DisruptPlacement:
             rules.append("at document starts")
         elif self.every == "paragraph":
             rules.append("at document and paragraph starts")
+        elif self.every == "sentence":
+            rules.append("at item, document and sentence starts")
         if self.window_start:
             rules.append("at item starts")
         if self.every_n_tokens is not None:
@@ -135,8 +145,10 @@ class SETPlacement:
     after: SetAfter = "sentence"
     """"sentence": after each sentence end (. ! or ? followed by whitespace); "paragraph": after the last visible
     token of each paragraph (before a blank line or an end-of-text token)."""
-    kind: SetKind = "entity"
-    """"entity" draws from set_0..set_7, "topic" from set_8..set_15."""
+    kind: SetKindChoice = "entity"
+    """"entity" draws from set_0..set_7, "topic" from set_8..set_15; "auto" chooses per insertion by what
+    follows: an entity token where the next text begins an entity (litattn/data/entities.py), a topic token
+    otherwise."""
     pool: int = tk.POOL_SIZE
     """How many of the kind's reserved tokens are drawn from (the first `pool` of them), 1 to 8."""
     probability: float = 1.0
@@ -149,7 +161,7 @@ class SETPlacement:
 
     def __post_init__(self) -> None:
         check_choice("set.after", self.after, SetAfter)
-        check_choice("set.kind", self.kind, SetKind)
+        check_choice("set.kind", self.kind, SetKindChoice)
         if self.redraw != "epoch" and self.redraw is not None:
             if isinstance(self.redraw, bool) or not isinstance(self.redraw, int):
                 raise ValueError(f"set.redraw must be 'epoch', a number of steps or null, got {self.redraw!r}")
@@ -162,13 +174,14 @@ class SETPlacement:
 
     def describe(self) -> str:
         share = "" if self.probability == 1 else f"{self.probability:.0%} of "
-        first = tk.pool(self.kind)[0]
-        last = tk.pool(self.kind)[self.pool - 1]
-        ids = f"<|set_{first}|>" if self.pool == 1 else f"<|set_{first}|>..<|set_{last}|>"
+        kinds: list[SetKind] = ["entity", "topic"] if self.kind == "auto" else [self.kind]
+        ranges = [(tk.pool(k)[0], tk.pool(k)[self.pool - 1]) for k in kinds]
+        ids = " or ".join(f"<|set_{a}|>" if a == b else f"<|set_{a}|>..<|set_{b}|>" for a, b in ranges)
+        kind = "entity or topic (by what follows)" if self.kind == "auto" else self.kind
         redraw = {"epoch": "re-drawn every epoch", None: "never re-drawn"}.get(
             self.redraw, f"re-drawn every {self.redraw} steps"
         )
-        return f"{self.kind} SET tokens ({ids}) after {share}{self.after}s, {redraw}{', frozen' if self.freeze else ''}"
+        return f"{kind} SET tokens ({ids}) after {share}{self.after}s, {redraw}{', frozen' if self.freeze else ''}"
 
 
 @dataclass
@@ -235,7 +248,26 @@ class InjectTokens(RunSeeded, DataModule):
             f"epoch 0; inserted tokens {'are' if self.predict_injected else 'are not'} targets; "
             + ("items carry segment_ids" if self.segment_ids else "no segment_ids")
         )
+        if self.set is not None and self.set.kind == "auto" and self._injector is not None:
+            line += "\n" + self.kind_shares()
         return f"{self.data.describe()}\n{line}"
+
+    def kind_shares(self, items: int = 64) -> str:
+        """Each SET kind's share of the tokens inserted into the first `items` training items (epoch 0): what
+        `kind: auto` chose, for the run's log."""
+        dataset = self.train_dataset()
+        kinds = self._require_setup().kind_ids
+        counts = dict.fromkeys(kinds, 0)
+        n = min(items, len(dataset))
+        for i in range(n):
+            ids = dataset[i]["input_ids"].numpy()
+            for kind, pool in kinds.items():
+                counts[kind] += int(np.isin(ids, pool).sum())
+        total = sum(counts.values())
+        if not total:
+            return f"SET kinds in the first {n} training items: none inserted"
+        shares = ", ".join(f"{kind} {count / total:.0%} ({count})" for kind, count in counts.items())
+        return f"SET kinds in the first {n} training items: {shares}"
 
     def training_hooks(self) -> list[TrainingHook]:
         """The wrapped module's hooks, and the re-draw of the SET pool's rows (`set.redraw`)."""
@@ -303,7 +335,12 @@ class Injector:
         self.disrupt, self.set = disrupt, set
         self.predict_injected, self.with_segment_ids = predict_injected, segment_ids
         self.disrupt_id = tk.disrupt_id(tokenizer) if disrupt is not None or segment_ids else None
-        self.set_ids = np.array(tk.set_ids(tokenizer, set.kind)[: set.pool]) if set is not None else None
+        self.kind_ids: dict[SetKind, np.ndarray] = {}
+        if set is not None:
+            kinds: list[SetKind] = ["entity", "topic"] if set.kind == "auto" else [set.kind]
+            self.kind_ids = {k: np.array(tk.set_ids(tokenizer, k)[: set.pool]) for k in kinds}
+        self.set_ids = np.concatenate(list(self.kind_ids.values())) if set is not None else None
+        """Every SET id this injector may insert (those SET re-draws re-draw)."""
         self.eos_id = tokenizer.eos_id
         if disrupt is not None and disrupt.every is not None and self.eos_id is None:
             raise ValueError(
@@ -340,6 +377,9 @@ class Injector:
             if d.every == "paragraph":
                 starts = v[blank & ~eos_between.astype(bool) & (v >= 1)]
                 disrupt[starts] = True
+            if d.every == "sentence":
+                disrupt[0] = True
+                disrupt[self._sentence_ends(ids, is_eos)] = True
             if d.window_start:
                 disrupt[0] = True
             if d.every_n_tokens is not None:
@@ -351,11 +391,7 @@ class Injector:
         set_tokens = np.zeros(0, dtype=np.int64)
         if (st := self.set) is not None:
             if st.after == "sentence":
-                punct = c.ends_sentence[ids]
-                for _ in range(2):  # closing quotes or brackets in tokens of their own: `.` `)` or `.` `)` `"`
-                    punct[1:] |= c.closing[ids[1:]] & punct[:-1]
-                end = punct[:-1] & (c.trail_ws[ids[:-1]] | c.lead_ws[ids[1:]] | is_eos[1:])
-                set_gaps = np.flatnonzero(end) + 1
+                set_gaps = self._sentence_ends(ids, is_eos)
             else:
                 ends = (blank | eos_between.astype(bool)) & (prev >= 0)
                 set_gaps = prev[ends] + 1
@@ -365,8 +401,36 @@ class Injector:
             set_gaps = np.unique(set_gaps[set_gaps <= L])
             if st.probability < 1:
                 set_gaps = set_gaps[(torch.rand(len(set_gaps), generator=generator) < st.probability).numpy()]
-            set_tokens = self.set_ids[torch.randint(len(self.set_ids), (len(set_gaps),), generator=generator).numpy()]
+            drawn = torch.randint(st.pool, (len(set_gaps),), generator=generator).numpy()
+            if st.kind == "auto":
+                entity = self.entity_gaps(s, set_gaps)
+                set_tokens = np.where(entity, self.kind_ids["entity"][drawn], self.kind_ids["topic"][drawn])
+            else:
+                set_tokens = self.kind_ids[st.kind][drawn]
         return np.flatnonzero(disrupt), set_gaps, set_tokens
+
+    def _sentence_ends(self, ids: np.ndarray, is_eos: np.ndarray) -> np.ndarray:
+        """The gaps right after a sentence end: a token whose text ends in . ! or ? (then closing quotes or
+        brackets, also in tokens of their own) with whitespace or an end-of-text token after it."""
+        c = self.classes
+        punct = c.ends_sentence[ids]
+        for _ in range(2):  # closing quotes or brackets in tokens of their own: `.` `)` or `.` `)` `"`
+            punct[1:] |= c.closing[ids[1:]] & punct[:-1]
+        end = punct[:-1] & (c.trail_ws[ids[:-1]] | c.lead_ws[ids[1:]] | is_eos[1:])
+        return np.flatnonzero(end) + 1
+
+    def entity_gaps(self, s: np.ndarray, gaps: np.ndarray) -> np.ndarray:
+        """For each gap, whether the text after it begins an entity (litattn/data/entities.py), read from the
+        item's text; an end-of-text token reads as a blank line."""
+        texts = self.classes.texts
+        n = self.classes.n
+        pieces = [texts[i] if 0 <= i < n else "" for i in s.tolist()]
+        if self.eos_id is not None:
+            pieces = ["\n\n" if i == self.eos_id else p for i, p in zip(s.tolist(), pieces, strict=True)]
+        starts = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])
+        text = "".join(pieces)
+        names = proper_names(text)
+        return np.array([starts_entity(text, int(starts[g]), names) for g in gaps], dtype=bool)
 
     # ------------------------------------------------------------------ insert
     def __call__(self, item: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -466,6 +530,8 @@ class TokenClasses:
     """Its text without trailing whitespace ends in . ! or ? (then possibly closing quotes or brackets)."""
     closing: np.ndarray
     """Its text without surrounding whitespace is closing quotes or brackets only (`)`, `"`, `']`)."""
+    texts: tuple[str, ...] = ()
+    """The text each id adds to a decoded sequence ("" for litattn's reserved tokens)."""
 
     @property
     def n(self) -> int:
@@ -498,7 +564,8 @@ class TokenClasses:
                 closing[i] = _CLOSING.fullmatch(body) is not None
             else:
                 lead_nl[i] = text.count("\n")
-        return cls(visible, lead_nl, trail_nl, lead_ws, trail_ws, ends_sentence, closing)
+        plain = tuple("" if i in special else text for i, text in enumerate(texts[:-1]))
+        return cls(visible, lead_nl, trail_nl, lead_ws, trail_ws, ends_sentence, closing, plain)
 
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
