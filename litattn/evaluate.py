@@ -226,6 +226,7 @@ def streaming_perplexity(
     cache_dir: Path = Path("cache"),
     precision: str = "32-true",
     context: int | None = None,
+    first_token: str | None = None,
 ) -> dict[str, Any]:
     """Perplexity of one long text with a bounded context (StreamingLLM): window, sinks + window, recomputation.
 
@@ -258,6 +259,10 @@ def streaming_perplexity(
         precision: Fabric precision: 32-true, bf16-mixed, bf16-true, ...
         context: Accept sink_size + stream_window up to this many tokens, beyond what the attention handles at
             block_size (RoPE positions extrapolate).
+        first_token: A special token put before the text, e.g. `<|disrupt|>` for a model pretrained with one at
+            the start of every window (`InjectTokens` with `disrupt: {every: null, window_start: true}`: the
+            dedicated sink token of StreamingLLM's pretraining experiment); the text then holds `length` tokens
+            and the first prediction is made from this token alone.
 
     Returns:
         The results written to out_file: the checkpoint, attention spec, data, settings and one row per method
@@ -296,6 +301,7 @@ def streaming_perplexity(
         check_range("stream_chunk", stream_chunk, ge=1, le=stream_window, bound_name="stream_window")
         check_range("stride", stride, ge=1, le=stream_window, bound_name="stream_window")
     check_streamable(model, sink_size + stream_window)
+    first = tokenizer.special_id(first_token) if first_token is not None else None
 
     data = StdlibCorpus() if data is None else data
     data.setup(tokenizer, config.vocab_size, 1, Path(cache_dir))
@@ -318,7 +324,10 @@ def streaming_perplexity(
         raise ValueError(
             f"length {length} needs {length + 1} tokens but the validation split holds {len(tokens)}; lower --length"
         )
-    text = torch.from_numpy(tokens[: length + 1].astype(np.int64)).to(fabric.device)[None]  # (1, length + 1)
+    text = torch.from_numpy(tokens[: length + 1].astype(np.int64))
+    if first_token is not None:
+        text = torch.cat([torch.tensor([first]), text[:length]])
+    text = text.to(fabric.device)[None]  # (1, length + 1)
 
     settings = {
         "window": (0, stream_window),
@@ -357,6 +366,7 @@ def streaming_perplexity(
         "sink_size": sink_size,
         "stream_chunk": stream_chunk,
         "stride": stride,
+        "first_token": first_token,
         "memory": _PeakMemory.describe(fabric.device),
         "results": rows,
     }

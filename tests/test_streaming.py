@@ -362,6 +362,24 @@ def test_evaluate_streaming_options(files, tmp_path):
         out_file=tmp_path / "d.json",
     )
     assert default["stream_window"] == 12 and default["results"][0]["window"] == 12
+    # a sink token before the text: the same loops over [<|disrupt|>, text[:40]], which the sinks then hold
+    D = ckpt.load(files / "ckpt")[1].special_id("<|disrupt|>")
+    with_sink = streaming_perplexity(
+        files / "ckpt",
+        data=_data(files),
+        length=40,
+        stream_window=8,
+        sink_size=1,
+        methods=["sink_window", "window"],
+        cache_dir=files / "cache",
+        out_file=tmp_path / "f.json",
+        first_token="<|disrupt|>",
+    )
+    prefixed = torch.cat([torch.tensor([[D]]), text[:, :40]], dim=1)
+    rows = {r["method"]: r for r in with_sink["results"]}
+    assert rows["sink_window"]["loss"] == pytest.approx(naive_streaming_loss(model, prefixed, 1, 8), abs=1e-5)
+    assert rows["window"]["loss"] == pytest.approx(naive_streaming_loss(model, prefixed, 0, 8), abs=1e-5)
+    assert with_sink["first_token"] == "<|disrupt|>" and rows["window"]["tokens"] == 40
 
 
 @pytest.mark.parametrize(
@@ -373,6 +391,7 @@ def test_evaluate_streaming_options(files, tmp_path):
         (["--methods", "[window, foo]"], "methods must be distinct names of ['window', 'sink_window', 'recompute']"),
         (["--stream_window", "40"], "sink_size + stream_window = 44 exceeds the model's context of 16"),
         (["--length", "100000"], "length 100000 needs 100001 tokens but the validation split holds"),
+        (["--first_token", "<|sink|>"], "'<|sink|>' is not a litattn special token; known: <|endoftext|>"),
     ],
 )
 def test_evaluate_streaming_bad_input_is_one_line(files, tmp_path, capsys, extra, message):
