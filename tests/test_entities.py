@@ -19,6 +19,7 @@ def after(text: str, marker: str = "|") -> bool:
         "The cost was| $5 then.",
         'She read| "Hamlet" twice.',
         "Call| `dumps` with a dict.",
+        "A docstring ends.| ``object_hook`` is called.",  # reST's literal
         "We moved to| Paris last year.",  # a capitalised word inside a sentence
         "Python is fast. We like| Python a lot.",
         "We like Python a lot. Then we wrote more.| Python is fast.",  # at a sentence start, but a name
@@ -38,6 +39,7 @@ def test_prose_entities(text):
         "We said| so.",
         "An end.|",  # nothing follows
         "A list:| (a) and (b).",  # punctuation
+        '# Then.|\n    """Return the table.',  # a docstring opens: not a quoted name
         "Use Python. Then stop.| Then go.",  # "Then" stands capitalised only at sentence starts
     ],
 )

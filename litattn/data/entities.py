@@ -7,7 +7,7 @@ follows the place is read with its leading whitespace skipped, and a leading com
 begins an entity when it starts with
 
     prose  a number                  "1984 was ...", "3.5 ...", "-2 ...", "$5 ..."
-           a quoted name             '"Hamlet" is ...', "'json' ...", "`dumps` ..." (a quote, then a letter)
+           a quoted name             '"Hamlet" is ...', "'json' ...", "`dumps`", "``dumps``" (then a letter)
            a capitalised word        not at a sentence start: "... and Python"; at a sentence start only when
                                      the same word stands capitalised inside a sentence elsewhere in the text
                                      (a name, not the capital every sentence opens with); "I" never counts
@@ -27,7 +27,7 @@ import keyword
 import re
 
 _NUMBER = re.compile(r"[-+$£€]?\d")
-_QUOTED = re.compile(r"[\"'`“‘]\w")
+_QUOTED = re.compile(r"(?:``?|[\"'“‘])\w")
 _WORD = re.compile(r"[A-Za-z_]\w*")
 _DEFINED = re.compile(r"(?:async\s+)?(?:def|class)\s+[A-Za-z_]")
 _IMPORTED = re.compile(r"(?:import|from)\s+[A-Za-z_.]")
