@@ -85,6 +85,7 @@ def generate(
     sink_size: int | None = None,
     stream_chunk: int | None = None,
     prefix_len: int | None = None,
+    rethink_every: int | None = None,
 ) -> Tensor:
     """Continue prompt (T,) by up to max_new_tokens; returns prompt + new tokens, 1-D.
 
@@ -101,6 +102,11 @@ def generate(
     prefix_len: the prompt's first prefix_len tokens are a prefix to be read as a whole (e.g. an instruction
     prompt): handed to the prefill as `prefix_len` metadata when the attention mechanism reads it (declares it
     in `metadata_keys`; hybrid sees the prefix bidirectionally), ignored by mechanisms that do not.
+
+    rethink_every k (default: the mechanism's `rethink_every`): after every k new tokens, the whole text so far
+    becomes the prefix: one forward from slot 0 over prompt + output with `prefix_len` = its length rebuilds the
+    cache, and its last logits choose the next token (for a mechanism that reads `prefix_len`; not streaming).
+    The logits after each rethink are those of a fresh full forward with that prefix.
     """
     _check_sampling(temperature, top_k, top_p)
     check_streaming_args(stream_window, sink_size, stream_chunk)
@@ -126,6 +132,7 @@ def generate(
         if streaming:
             check_prefix_streamable(model)
         metadata[PREFIX_LEN] = torch.tensor([prefix_len], device=device)
+    every = check_rethink(model, rethink_every, streaming)
     tokens = [prompt]
     if streaming:
         cache = SinkWindowCache(model, sink_size, stream_window)
@@ -149,6 +156,11 @@ def generate(
         def step(next_id: Tensor, slot: int) -> Tensor:
             return model(next_id.view(1, 1), input_pos=torch.tensor([slot], device=device))[0, -1]
 
+        def rethink(ids: Tensor) -> Tensor:  # the whole text as the prefix, read again; the cache rebuilt
+            n = ids.numel()
+            prefix = torch.tensor([n], device=device)
+            return model(ids.view(1, -1), input_pos=torch.arange(n, device=device), **{PREFIX_LEN: prefix})[0, -1]
+
         close = model.clear_kv_cache
     try:
         logits = prefill(prompt)
@@ -160,7 +172,10 @@ def generate(
                 stream(token)
             if token == eos_id or i + 1 == max_new_tokens:
                 break
-            logits = step(next_id, T + i)
+            if every is not None and (i + 1) % every == 0:
+                logits = rethink(torch.cat(tokens))
+            else:
+                logits = step(next_id, T + i)
     finally:
         close()
     return torch.cat(tokens)
@@ -213,6 +228,22 @@ TOO_LONG_WAYS = (
     "--stream_window"
 )
 """The ways past a prompt too long for the model's context, which its error names."""
+
+
+def check_rethink(model, rethink_every: int | None, streaming: bool) -> int | None:
+    """How often generation re-reads the text as a prefix (`rethink_every`, else the mechanism's), checked:
+    the mechanism must read a prefix, and a prefix is never streamed."""
+    every = model.mechanism.rethink_every if rethink_every is None else rethink_every
+    if every is not None:
+        check_range("rethink_every", every, ge=1, null="never")
+        if PREFIX_LEN not in model.mechanism.metadata_keys:
+            raise ValueError(
+                f"rethink_every re-reads the text as a prefix, and attention {model.config.attention['name']!r} "
+                "reads none (no prefix_len); use a mechanism that does (hybrid) or leave rethink_every out"
+            )
+        if streaming:
+            check_prefix_streamable(model)
+    return every
 
 
 def check_prefix_streamable(model) -> None:
@@ -290,6 +321,7 @@ def main(
     importance: Path | None = None,
     prompt_budget: int | None = None,
     protect_last: int = 8,
+    rethink_every: int | None = None,
 ) -> str:
     """Generate text from a checkpoint, printing it as it is produced.
 
@@ -327,6 +359,9 @@ def main(
             max_new_tokens (at least 1).
         protect_last: Truncation never drops the prompt's last this many tokens (what the continuation follows);
             with --instruction the prompt template and its end are kept instead.
+        rethink_every: Every this many new tokens, read the whole text again as the prefix (hybrid attention:
+            the thought loop runs over prompt and output, the cache is rebuilt); default: the checkpoint's
+            attention option `rethink_every` (none).
 
     Returns:
         The generated text (without the prompt).
@@ -338,6 +373,7 @@ def main(
     check_streaming_args(stream_window, sink_size, stream_chunk)
     check_range("prompt_budget", prompt_budget, ge=1, null="the context minus max_new_tokens")
     check_range("protect_last", protect_last, ge=0)
+    check_range("rethink_every", rethink_every, ge=1, null="the attention's option")
     start_work()
     # a bad dictionary fails before the model loads
     scores_of = _prompt_scorer(truncate, importance, prompt_budget, checkpoint_dir)
@@ -351,6 +387,7 @@ def main(
         check_streamable(model, sink_size + stream_window)
         if instruction is not None:
             check_prefix_streamable(model)  # before the prompt is printed
+    check_rethink(model, rethink_every, stream_window is not None)  # before the prompt is printed
     ids = tokenizer.encode(prompt, bos=getattr(tokenizer, "use_bos", False))  # as the checkpoint's tokenizer does
     if not ids:
         raise ValueError("The prompt is empty: generation needs at least one token to condition on")
@@ -392,6 +429,7 @@ def main(
         sink_size=sink_size,
         stream_chunk=stream_chunk,
         prefix_len=len(ids) if instruction is not None else None,
+        rethink_every=rethink_every,
     )
     elapsed = time.perf_counter() - start
     pieces.append(decoder.flush())

@@ -189,6 +189,7 @@ def test_the_prefix_ends_after_the_first_endthought_token():
         dict(iterations=4, thought_layers=2, add_thought_layers=True, interpolation=True, grad_iterations=1),
         dict(iterations=2, thought_layers=2, reweighting=True),  # every block thinks
         dict(iterations=2, reweighting=True, refine_steps=2, refine_lr=0.1),  # gradient refinement in the prefill
+        dict(iterations=3, reweighting="focus", interpolation=True),
     ],
 )
 def test_cached_decoding_equals_the_full_forward(options):
@@ -227,6 +228,119 @@ def test_generate_reads_the_prompt_as_the_prefix():
         assert torch.equal(
             generate(causal, prompt, 5, temperature=0, prefix_len=8), greedy_without_cache(causal, prompt, 5)
         )
+
+
+def test_focus_reweighting_against_a_hand_computed_case():
+    """Each prefix state scaled by 1 + tanh(w * cos(y_i, y_focus) + b), the focus the row's last prefix state."""
+    config = Config.from_name("tiny-llama")
+    mech = mechanism(config, iterations=2, reweighting="focus")
+    mech.build_modules(lambda i: None)
+    with torch.no_grad():
+        mech.reweight_weight.fill_(1.0)
+        mech.reweight_bias.fill_(0.5)
+    y = torch.tensor([[[3.0, 0.0], [0.0, 2.0], [1.0, 1.0], [5.0, 5.0]]])  # (1, 4, 2); prefix_len 3: focus (1, 1)
+    inside = (torch.arange(4) < 3)[None, :, None]
+    out = mech._refine(y, torch.zeros_like(y), inside, first=True)
+    # cosines to (1, 1): 1/sqrt(2), 1/sqrt(2), 1 -> scales 1 + tanh(0.7071 + 0.5), 1 + tanh(0.7071 + 0.5), 1 + tanh(1.5)
+    scales = torch.tensor([1.835810, 1.835810, 1.905148])
+    torch.testing.assert_close(out[0, :3], y[0, :3] * scales[:, None], atol=1e-4, rtol=0)
+    assert mech.reweighting == "focus" and mechanism(config, reweighting=True).reweighting == "mean"
+
+
+def test_focus_reweighting_is_the_identity_at_init():
+    plain = hybrid(iterations=3, interpolation=True).eval()
+    focus = same_weights(hybrid(iterations=3, interpolation=True, reweighting="focus"), plain).eval()
+    idx = torch.randint(END + 1, 200, (3, 16))
+    prefix_len = torch.tensor([0, 16, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(focus(idx, prefix_len=prefix_len), plain(idx, prefix_len=prefix_len))
+
+
+def rethink_reference(model, prompt, n, k, prefix_len=0):
+    """Greedy, uncached: before new token j the prefix is the prompt's (prefix_len) until j >= k, then the whole
+    text as it stood at the last multiple of k; each token from a fresh full forward. -> (ids, logits per step)."""
+    ids, logits = prompt.clone(), []
+    for j in range(n):
+        P = len(prompt) + (j // k) * k if k is not None and j >= k else prefix_len
+        last = model(ids[None], prefix_len=torch.tensor([P]))[0, -1, : model.config.vocab_size]
+        logits.append(last)
+        ids = torch.cat([ids, last.argmax()[None]])
+    return ids, torch.stack(logits)
+
+
+def recorded_generate(model, prompt, n, monkeypatch, **kwargs):
+    """generate (greedy, cached) -> (ids, the logits each token was chosen from)."""
+    import litattn.generate as gen
+
+    seen, real = [], gen.sample
+    monkeypatch.setattr(gen, "sample", lambda logits, *a: (seen.append(logits), real(logits, 0))[1])
+    out = generate(model, prompt, n, temperature=0, **kwargs)
+    monkeypatch.setattr(gen, "sample", real)
+    return out, torch.stack(seen)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("prefix_len", [None, 4])
+def test_rethink_logits_equal_a_fresh_full_forward_with_the_extended_prefix(k, prefix_len, monkeypatch):
+    model = activate(hybrid(iterations=3, reweighting="focus", interpolation=True, add_thought_layers=True)).eval()
+    prompt = torch.randint(END + 1, 200, (6,), generator=torch.Generator().manual_seed(k))
+    with torch.no_grad():
+        cached, seen = recorded_generate(model, prompt, 12, monkeypatch, prefix_len=prefix_len, rethink_every=k)
+        reference, expected = rethink_reference(model, prompt, 12, k, prefix_len or 0)
+        plain, plain_seen = recorded_generate(model, prompt, 12, monkeypatch, prefix_len=prefix_len)
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
+    assert torch.equal(cached, reference)
+    assert not torch.allclose(seen[k:], plain_seen[k:], atol=1e-3)  # re-reading changes what follows
+    torch.testing.assert_close(seen[:k], plain_seen[:k], atol=1e-5, rtol=0)  # and nothing before
+
+
+def test_rethink_after_more_tokens_than_generated_changes_nothing_and_is_the_mechanism_option(monkeypatch):
+    model = activate(hybrid(iterations=2, reweighting=True)).eval()
+    prompt = torch.randint(END + 1, 200, (5,))
+    with torch.no_grad():
+        plain = generate(model, prompt, 8, temperature=0, prefix_len=5)
+        assert torch.equal(generate(model, prompt, 8, temperature=0, prefix_len=5, rethink_every=8), plain)
+        assert torch.equal(generate(model, prompt, 8, temperature=0, prefix_len=5, rethink_every=50), plain)
+        by_option = activate(same_weights(hybrid(iterations=2, reweighting=True, rethink_every=2), model)).eval()
+        assert by_option.mechanism.rethink_every == 2
+        assert torch.equal(
+            generate(by_option, prompt, 8, temperature=0, prefix_len=5),
+            generate(model, prompt, 8, temperature=0, prefix_len=5, rethink_every=2),
+        )
+
+
+def test_the_cache_after_a_rethink_equals_a_prefill_of_the_same_text():
+    model = activate(hybrid(iterations=3, reweighting="focus", interpolation=True, add_thought_layers=True)).eval()
+    ids = torch.randint(END + 1, 200, (1, 14))
+    caches = lambda: [m.kv_cache for m in model.modules() if getattr(m, "kv_cache", None) is not None]  # noqa: E731
+    with torch.no_grad():
+        model.set_kv_cache(1, max_seq_length=20)
+        model(ids[:, :6], input_pos=torch.arange(6), prefix_len=torch.tensor([4]))  # the prompt's prefill
+        for t in range(6, 10):
+            model(ids[:, t : t + 1], input_pos=torch.tensor([t]))  # decoding
+        model(ids[:, :10], input_pos=torch.arange(10), prefix_len=torch.tensor([10]))  # the rethink
+        after = [(c.k[:, :, :10].clone(), c.v[:, :, :10].clone()) for c in caches()]
+        model.clear_kv_cache()
+        model.set_kv_cache(1, max_seq_length=20)
+        model(ids[:, :10], input_pos=torch.arange(10), prefix_len=torch.tensor([10]))  # a prefill of the same text
+        fresh = [(c.k[:, :, :10], c.v[:, :, :10]) for c in caches()]
+        model.clear_kv_cache()
+    assert len(after) == len(fresh) == model.config.n_layer + 1  # every block, the added thought block too
+    for (k1, v1), (k2, v2) in zip(after, fresh, strict=True):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_rethink_needs_a_mechanism_that_reads_a_prefix_and_no_streaming():
+    causal = tiny("causal").eval()
+    with pytest.raises(ValueError, match="rethink_every re-reads the text as a prefix, and attention 'causal'"):
+        generate(causal, torch.tensor([30, 31]), 3, rethink_every=2)
+    model = hybrid().eval()
+    with pytest.raises(ValueError, match="cannot be streamed"):
+        generate(model, torch.tensor([30, 31]), 3, rethink_every=2, stream_window=8, sink_size=1)
+    with pytest.raises(ValueError, match="rethink_every must be >= 1"):
+        generate(model, torch.tensor([30, 31]), 3, rethink_every=0)
+    with pytest.raises(ValueError, match="hybrid: rethink_every must be >= 1"):
+        hybrid(rethink_every=0)
 
 
 def test_a_prefix_split_over_two_forwards_is_an_error():

@@ -153,6 +153,7 @@ CASES = [
     (GENERATE, "--top_p", "0", "1", "top_p must be in (0, 1] (or null for all tokens), got 0"),
     (GENERATE, "--top_p", "1.5", "0.001", "top_p must be in (0, 1] (or null for all tokens), got 1.5"),
     (GENERATE, "--seed", "-1", "4294967295", "seed must be in [0, 4294967295], got -1"),
+    (GENERATE, "--rethink_every", "0", "null", "rethink_every must be >= 1 (or null for the attention's option)"),
     (EVALUATE + ["--cache_dir", "{tmp}/cache"], "--micro_batch_size", "0", "1", "micro_batch_size must be >= 1, got 0"),
     (EVALUATE + ["--cache_dir", "{tmp}/cache"], "--max_batches", "0", "1", "max_batches must be >= 1 (or null"),
     (

@@ -161,6 +161,10 @@ class AttentionMechanism(nn.Module):
     trailing_positions_independent: ClassVar[bool] = True
     """No position depends on a later one (causal), so dropping trailing padding columns of a batch leaves
     every loss unchanged (what `collate` asks before trimming)."""
+    rethink_every: int | None = None
+    """For a mechanism that reads a prefix (`prefix_len` metadata): generation extends the prefix over all the
+    text so far every this many new tokens and reads it again from the start, rebuilding the KV cache (hybrid's
+    `rethink_every` option sets it); None: never. `generate(rethink_every=...)` overrides it."""
 
     def __init__(self, config: Config, block_idx: int, options: AttentionOptions):
         super().__init__()

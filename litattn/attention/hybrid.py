@@ -11,9 +11,11 @@ refinements between loops. With P = `prefix_len` of a row (batch metadata, (B,) 
               inserted after the embeddings (`add_thought_layers`); x = the prefix's input embeddings
               z_0 = 0;  for t = 1 .. n (`iterations`):
                   y   = f(z_{t-1} + x)                                   re-injection of the input
-                  y_i = y_i * (1 + tanh(w * c_i + b))                    `reweighting`, c_i the mean cosine
-                        c_i = mean_{j < P, j != i} cos(y_i, y_j)         similarity of y_i to the other prefix
-                                                                         states (past and future): O(P d)
+                  y_i = y_i * (1 + tanh(w * c_i + b))                    `reweighting`, with c_i: "mean", the
+                        c_i = mean_{j < P, j != i} cos(y_i, y_j)         mean cosine similarity of y_i to the
+                                                                         other prefix states (past and future);
+                        c_i = cos(y_i, y_{P-1})                          "focus", to the focus: the row's last
+                                                                         prefix state. Both O(P d)
                   z_t = a * y + (1 - a) * z_{t-1}    (t >= 2)            `interpolation`, a learnable
     then      the remaining blocks run once over the whole sequence, the prefix entering as z_n
 
@@ -75,7 +77,7 @@ import contextlib
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -105,9 +107,11 @@ class HybridOptions(AttentionOptions):
     they start as the identity (the other blocks then all run after the loop)."""
     iterations: int = 1
     """n: how many times the thought blocks run over the prefix, the input embeddings re-injected each time."""
-    reweighting: bool = False
-    """After each iteration, scale each prefix state by 1 + tanh(w * c + b), c its mean cosine similarity to the
-    other prefix states (w, b learned, init 0)."""
+    reweighting: bool | Literal["mean", "focus"] = False
+    """After each iteration, scale each prefix state by 1 + tanh(w * c + b) (w, b learned, init 0: the identity),
+    with c: "mean" (or true) its mean cosine similarity to the other prefix states; "focus" its cosine similarity
+    to the current focus, the row's last prefix state (the text just written, once `rethink_every` extends the
+    prefix over it); false: off."""
     interpolation: bool = False
     """From the second iteration on, z <- a * z_new + (1 - a) * z_old (a learned, init 1)."""
     grad_iterations: int | None = None
@@ -125,6 +129,10 @@ class HybridOptions(AttentionOptions):
     endthought_id: int | None = None
     """Token id that ends a row's prefix when the batch has no `prefix_len` (the prefix ends after its first
     occurrence). None: `<|endthought|>` of a litattn tokenizer (id 21)."""
+    rethink_every: int | None = None
+    """In generation, after every k new tokens the text written so far joins the thought region: the prompt and
+    the output are read again as one prefix (the thought loop bidirectionally over all of it) and the KV cache
+    is rebuilt from that pass; decoding then continues causally. None: the prefix is read once, at the prompt."""
 
 
 PREFIX_LEN = "prefix_len"
@@ -143,6 +151,7 @@ class HybridAttention(AttentionMechanism):
     def __init__(self, config: Config, block_idx: int, options: HybridOptions):
         super().__init__(config, block_idx, options)
         self.endthought_id = self.token_id_option("endthought_id", ENDTHOUGHT_ID, "the prefix-ending token")
+        self.rethink_every = options.rethink_every
         if block_idx != 0:  # the model runs the layer loop of block 0's mechanism: it owns the loop's parts
             return
         k = options.thought_layers
@@ -160,7 +169,7 @@ class HybridAttention(AttentionMechanism):
         options, n_layer = self.options, self.config.n_layer
         if options.add_thought_layers:
             self.thought_blocks = nn.ModuleList(make_block(n_layer + i) for i in range(options.thought_layers))
-        if options.reweighting:
+        if self.reweighting:
             self.reweight_weight = nn.Parameter(torch.zeros(()))
             self.reweight_bias = nn.Parameter(torch.zeros(()))
         if options.interpolation:
@@ -185,6 +194,8 @@ class HybridAttention(AttentionMechanism):
             raise ValueError(
                 f"hybrid: refine_steps must be >= 0 (0: no gradient refinement), got {options.refine_steps}"
             )
+        if options.rethink_every is not None and options.rethink_every < 1:
+            raise ValueError(f"hybrid: rethink_every must be >= 1 (or null: never), got {options.rethink_every}")
         if not options.refine_lr > 0:
             raise ValueError(f"hybrid: refine_lr must be > 0, got {options.refine_lr}")
         cls.check_token_id_option(options, "endthought_id")
@@ -199,7 +210,7 @@ class HybridAttention(AttentionMechanism):
                     if proj.bias is not None:
                         proj.bias.zero_()
                 block.attn.mechanism.reset_parameters()
-            if self.options.reweighting:
+            if self.reweighting:
                 self.reweight_weight.zero_()
                 self.reweight_bias.zero_()
             if self.options.interpolation:
@@ -304,7 +315,7 @@ class HybridAttention(AttentionMechanism):
                     z = self._refine(y, z, inside, first=t == 0).masked_fill(~inside, 0.0)
         h = x if z is None else x + F.pad(z, (0, 0, 0, T - z.shape[1]))
         h = _apply(thought, h, ctx)  # the last iteration: every token once; the cache is written here
-        if L > 0 and (self.options.reweighting or self.options.interpolation):
+        if L > 0 and (self.reweighting or self.options.interpolation):
             inside = self._inside(ctx, L)
             prefix = h[:, :L]
             z_old = torch.zeros_like(prefix) if z is None else z[:, :L]
@@ -338,6 +349,12 @@ class HybridAttention(AttentionMechanism):
             z = torch.where(inside, z - self.options.refine_lr * step, z)
         return z
 
+    @property
+    def reweighting(self) -> str | None:
+        """The re-weighting in use: "mean", "focus" or None (off); the option true reads as "mean"."""
+        value = self.options.reweighting
+        return "mean" if value is True else (value or None)
+
     def _thought_and_rest(self, blocks: nn.ModuleList) -> tuple[list[nn.Module], list[nn.Module]]:
         if self.options.add_thought_layers:
             return list(self.thought_blocks), list(blocks)
@@ -352,11 +369,16 @@ class HybridAttention(AttentionMechanism):
 
     def _refine(self, y: torch.Tensor, z_old: torch.Tensor, inside: torch.Tensor, first: bool) -> torch.Tensor:
         """y (B, S, C) the iteration's output, z_old the previous prefix states, inside (B, S, 1) the prefix."""
-        if self.options.reweighting:
+        if self.reweighting:
             u = F.normalize(y.float(), dim=-1) * inside  # unit prefix states; 0 outside the prefix
-            others = (u.sum(dim=1, keepdim=True) - u) * u  # u_i . sum_{j != i} u_j, per channel
-            count = (inside.sum(dim=1, keepdim=True) - 1).clamp(min=1)  # (B, 1, 1) other prefix states
-            cos = others.sum(dim=-1, keepdim=True) / count  # (B, S, 1) mean cosine to the other prefix states
+            if self.reweighting == "focus":
+                last = (inside.sum(dim=1, keepdim=True) - 1).clamp(min=0)  # (B, 1, 1) the focus: the last state
+                focus = u.gather(1, last.expand(-1, -1, u.shape[-1]))  # (B, 1, C)
+                cos = (u * focus).sum(dim=-1, keepdim=True)  # (B, S, 1) cosine to the focus
+            else:
+                others = (u.sum(dim=1, keepdim=True) - u) * u  # u_i . sum_{j != i} u_j, per channel
+                count = (inside.sum(dim=1, keepdim=True) - 1).clamp(min=1)  # (B, 1, 1) other prefix states
+                cos = others.sum(dim=-1, keepdim=True) / count  # (B, S, 1) mean cosine to the other prefix states
             scale = 1.0 + torch.tanh(self.reweight_weight.float() * cos + self.reweight_bias.float())
             y = y * scale.to(y.dtype)
         if self.options.interpolation and not first:

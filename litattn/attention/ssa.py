@@ -95,6 +95,7 @@ class SelectiveSelfAttention(AttentionMechanism):
         self.supports_kv_cache = self.base.supports_kv_cache
         self.metadata_keys = self.base.metadata_keys
         self.trailing_positions_independent = self.base.trailing_positions_independent
+        self.rethink_every = self.base.rethink_every
         hs, nh, ng = config.head_size, config.n_head, config.n_query_groups
         if options.position_temperature:
             self.beta = nn.Parameter(torch.empty(()))  # one scalar per layer, shared by heads
