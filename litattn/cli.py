@@ -79,6 +79,7 @@ COMMANDS = {
         "passkey": "litattn.passkey:passkey",
         "streaming": "litattn.evaluate:streaming_perplexity",
         "attention": "litattn.evaluate_attention:attention_statistics",
+        "answers": "litattn.answers:answers",
     },
     "visualize": {"attention": "litattn.visualize:attention"},
     "truncate": {"build": "litattn.truncation.cli:build", "apply": "litattn.truncation.cli:apply"},
