@@ -142,7 +142,7 @@ def ablate(
     if evaluations:
         ablate_evaluate.execute(evaluations)
         rows = ablate_evaluate.rows(evaluations)
-        print(ablate_evaluate.write(rows, list(seeds), out_dir, evaluate.get("baseline")))
+        print(ablate_evaluate.write(rows, list(seeds), out_dir, evaluate.get("baseline"), baseline))
         written = [out_dir / "evaluation.csv", out_dir / "evaluation.md", out_dir / "evaluation.png"]
         if grids := ablate_evaluate.depth_accuracy(evaluations):
             ablate_evaluate.plot_depths(grids, out_dir / "passkey_depths.png")

@@ -7,6 +7,7 @@ several attention specs (e.g. causal against Self-Extend beyond the trained cont
         se-g4-w64: {name: self_extend, group_size: 4, window: 64}
       perplexity: {lengths: [256, 512], max_batches: 4, context: 512}   # `litattn evaluate perplexity` arguments
       passkey: {lengths: [256, 512], trials: 4, context: 512}           # `litattn evaluate passkey` arguments
+      answers: {data: {class_path: litattn.data.PyDocQA}, items: 64}  # `litattn evaluate answers` arguments
       variants: [se-g4]           # evaluate only these variants' runs (default: all), e.g. where a spec's
                                   # options belong to one mechanism
       baseline: causal            # the attention label others are compared with, paired by seed (default: the first)
@@ -14,8 +15,10 @@ several attention specs (e.g. causal against Self-Extend beyond the trained cont
 Each evaluation is its own `litattn evaluate <kind> --config <run>/eval/<label>/<kind>.yaml` process writing
 `<kind>.json` beside it; one whose JSON exists is skipped, so a rerun finishes only what is missing.
 Outputs: `evaluation.csv` (one row per run x attention x kind x length), `evaluation.md` (per kind: mean ± std
-and each seed's value, then every other label's difference to the baseline label, paired by seed, with a 95%
-Student-t interval) and `evaluation.png`; with passkey, `passkey_depths.png` (accuracy by length and depth).
+and each seed's value, then every other label's difference to the baseline label, and every other variant's
+difference to the ablation's baseline variant, paired by seed, with a 95% Student-t interval) and
+`evaluation.png`; with passkey, `passkey_depths.png` (accuracy by length and depth). Answers give four kinds
+(answer loss, exact match, first-line match, token F1) at one length, the items'.
 """
 
 from __future__ import annotations
@@ -38,12 +41,20 @@ from litattn.cli import parse_config
 from litattn.stats import format_ci, paired_ci
 from litattn.utils import atomic_write, atomic_write_text
 
-KINDS = ("perplexity", "passkey")  # the `litattn evaluate` subcommands an ablation runs
+KINDS = ("perplexity", "passkey", "answers")  # the `litattn evaluate` subcommands an ablation runs
 TABLES = {  # row kind -> what its table shows
     "perplexity": "perplexity",
     "passkey": "passkey accuracy",
     "passkey_digits": "passkey digit accuracy (share of the key's digits answered at their place)",
+    "answer_loss": "answer loss (nats per answer token)",
+    "exact_match": "greedy exact match (the whole answer)",
+    "first_line_match": "greedy first-line match",
+    "token_f1": "greedy token F1",
 }
+ANSWER_KINDS = ("answer_loss", "exact_match", "first_line_match", "token_f1")
+"""The rows `litattn evaluate answers` gives (at one length: the items')."""
+FORMATS = {"perplexity": ".3f", "answer_loss": ".4f"}
+"""Cell format per row kind (others: .2f, shares)."""
 
 
 @dataclass
@@ -67,7 +78,7 @@ class Evaluation:
     def config(self) -> dict[str, Any]:
         """The evaluate subcommand's config: the ablation's arguments, the checkpoint, the spec, the output."""
         config = {**self.arguments, "checkpoint_dir": str(self.run.directory / "final")}
-        if self.kind == "perplexity":
+        if self.kind in ("perplexity", "answers"):
             config["out_file"] = str(self.result_file)
         else:
             config["out_dir"] = str(self.directory)
@@ -162,11 +173,12 @@ def rows(evaluations: list[Evaluation]) -> list[dict[str, Any]]:
     for e in evaluations:
         result = json.loads(e.result_file.read_text())
         for r in result["results"]:
-            values: dict[str, float | None] = {
-                k: None for k in ([e.kind] if e.kind == "perplexity" else ["passkey", "passkey_digits"])
-            }
+            kinds = {"perplexity": ["perplexity"], "answers": ANSWER_KINDS}.get(e.kind, ["passkey", "passkey_digits"])
+            values: dict[str, float | None] = dict.fromkeys(kinds)
             if "error" not in r and e.kind == "perplexity":
                 values["perplexity"] = r["perplexity"]
+            elif "error" not in r and e.kind == "answers":
+                values.update({k: r[k] for k in ANSWER_KINDS})
             elif "error" not in r:
                 trials = sum(c["trials"] for c in r["cells"])
                 values["passkey"] = sum(c["correct"] for c in r["cells"]) / trials
@@ -207,10 +219,13 @@ def _values(table_rows: list[dict], kind: str, key: tuple[str, str], length: int
     return None if values is None else list(values.values())
 
 
-def markdown(table_rows: list[dict], seeds: list[int], baseline: str | None = None) -> str:
+def markdown(
+    table_rows: list[dict], seeds: list[int], baseline: str | None = None, baseline_variant: str | None = None
+) -> str:
     """A table per kind: rows variant x attention, columns lengths, cells mean ± sample std over seeds and each
     seed's value; then, per kind, each other attention label's difference to `baseline` (default: the first
-    label) in the same variant, paired by seed: mean [95% Student-t interval], `*` where it excludes 0."""
+    label) in the same variant, and each other variant's difference to `baseline_variant` (default: the first
+    variant) with the same label, paired by seed: mean [95% Student-t interval], `*` where it excludes 0."""
     parts = []
     for kind, title in TABLES.items():
         keys, lengths = _groups(table_rows, kind)
@@ -218,7 +233,7 @@ def markdown(table_rows: list[dict], seeds: list[int], baseline: str | None = No
             continue
         header = ["variant", "attention"] + [str(n) for n in lengths]
         lines = [f"**{title}** by length (tokens)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        fmt = ".3f" if kind == "perplexity" else ".2f"
+        fmt = FORMATS.get(kind, ".2f")
         for key in keys:
             cells = list(key)
             for n in lengths:
@@ -231,9 +246,12 @@ def markdown(table_rows: list[dict], seeds: list[int], baseline: str | None = No
                 cells.append(f"{statistics.mean(values):{fmt}} ± {spread:{fmt}}{each}")
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
-        paired = _paired_table(table_rows, kind, title, keys, lengths, baseline)
-        if paired:
-            parts.append(paired)
+        for paired in (
+            _paired_table(table_rows, kind, title, keys, lengths, baseline),
+            _paired_table(table_rows, kind, title, keys, lengths, baseline_variant, by_variant=True),
+        ):
+            if paired:
+                parts.append(paired)
     note = (
         f"Seeds {list(seeds)}; mean ± std over seeds (each seed's value in brackets); differences are paired by "
         "seed with a 95% Student-t interval, * where it excludes 0; n/a: beyond what the attention accepts "
@@ -243,26 +261,39 @@ def markdown(table_rows: list[dict], seeds: list[int], baseline: str | None = No
 
 
 def _paired_table(
-    table_rows: list[dict], kind: str, title: str, keys: list[tuple[str, str]], lengths: list[int], baseline: str | None
+    table_rows: list[dict],
+    kind: str,
+    title: str,
+    keys: list[tuple[str, str]],
+    lengths: list[int],
+    baseline: str | None,
+    by_variant: bool = False,
 ) -> str:
-    labels = list(dict.fromkeys(label for _, label in keys))
-    baseline = baseline or labels[0]
-    others = [k for k in keys if k[1] != baseline and (k[0], baseline) in keys]
+    """Each (variant, label) against the same variant's `baseline` label, or with `by_variant` against the
+    `baseline` variant's same label; "" when nothing pairs."""
+    axis = 0 if by_variant else 1  # which part of the key is compared
+    names = list(dict.fromkeys(key[axis] for key in keys))
+    baseline = baseline or names[0]
+
+    def base_of(key: tuple[str, str]) -> tuple[str, str]:
+        return (baseline, key[1]) if by_variant else (key[0], baseline)
+
+    others = [k for k in keys if k[axis] != baseline and base_of(k) in keys]
     if not others:
         return ""
     short = title.split(" (")[0]
     header = ["variant", "attention"] + [str(n) for n in lengths]
     lines = [
-        f"**{short}: difference to {baseline}** (paired by seed; mean [95% CI])",
+        f"**{short}: difference to {'variant ' if by_variant else ''}{baseline}** (paired by seed; mean [95% CI])",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    fmt = ".3f" if kind == "perplexity" else ".2f"
+    fmt = FORMATS.get(kind, ".2f")
     for key in others:
         cells = list(key)
         for n in lengths:
-            mine, base = _by_seed(table_rows, kind, key, n), _by_seed(table_rows, kind, (key[0], baseline), n)
+            mine, base = _by_seed(table_rows, kind, key, n), _by_seed(table_rows, kind, base_of(key), n)
             if mine is None or base is None or mine.keys() != base.keys():
                 cells.append("n/a")
                 continue
@@ -271,7 +302,13 @@ def _paired_table(
     return "\n".join(lines)
 
 
-def write(table_rows: list[dict], seeds: list[int], out_dir: Path, baseline: str | None = None) -> str:
+def write(
+    table_rows: list[dict],
+    seeds: list[int],
+    out_dir: Path,
+    baseline: str | None = None,
+    baseline_variant: str | None = None,
+) -> str:
     """evaluation.csv, evaluation.md and evaluation.png in out_dir; returns the markdown."""
 
     def write_csv(tmp: Path) -> None:
@@ -281,7 +318,7 @@ def write(table_rows: list[dict], seeds: list[int], out_dir: Path, baseline: str
             writer.writerows(table_rows)
 
     atomic_write(out_dir / "evaluation.csv", write_csv)
-    table = markdown(table_rows, seeds, baseline)
+    table = markdown(table_rows, seeds, baseline, baseline_variant)
     atomic_write_text(out_dir / "evaluation.md", table)
     _plot(table_rows, out_dir / "evaluation.png")
     return table
@@ -361,7 +398,7 @@ def _plot(table_rows: list[dict], path: Path) -> None:
         ax.set_title(f"{TABLES[kind].split(' (')[0]} (mean ± std over seeds)")
         if kind == "perplexity":
             ax.set_yscale("log")
-        else:
+        elif kind != "answer_loss":  # shares
             ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

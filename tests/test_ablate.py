@@ -226,6 +226,42 @@ def test_evaluation_pairs_each_label_with_the_baseline_by_seed_and_pools_depths(
     assert matplotlib.image.imread(tmp_path / "depths.png").std() > 0.05
 
 
+def test_answers_evaluations_pair_variants_with_the_baseline_variant(tmp_path):
+    """`evaluate answers` rows (four kinds at the items' length); each variant against the baseline variant with
+    the same attention label, paired by seed; each label against the baseline label in the same variant."""
+    from litattn import ablate_evaluate
+    from litattn.ablate import Run
+
+    runs = [Run(v, seed, tmp_path / v / f"seed-{seed}") for v in ("mean", "focus") for seed in (1, 2, 3)]
+    spec = {"attention": {"own": None, "rethink": {"rethink_every": 2}}, "answers": {"items": 4}}
+    evaluations = ablate_evaluate.plan(spec, runs)
+    exact = {  # (variant, label) -> exact match per seed
+        ("mean", "own"): [0.25, 0.5, 0.25], ("mean", "rethink"): [0.5, 0.5, 0.5],
+        ("focus", "own"): [0.5, 0.75, 0.75], ("focus", "rethink"): [0.75, 0.75, 1.0],
+    }  # fmt: skip
+    for e in evaluations:
+        e.directory.mkdir(parents=True)
+        value = exact[(e.run.variant, e.label)][e.run.seed - 1]
+        row = {"length": 32, "answer_loss": 1.0 - value, "exact_match": value, "first_line_match": value,
+               "token_f1": value}  # fmt: skip
+        e.result_file.write_text(json.dumps({"results": [row]}))
+    assert evaluations[0].config["out_file"] == str(evaluations[0].result_file)
+    rows = ablate_evaluate.rows(evaluations)
+    assert {r["kind"] for r in rows} == {"answer_loss", "exact_match", "first_line_match", "token_f1"}
+    table = ablate_evaluate.markdown(rows, [1, 2, 3], "own", "mean")
+    by_variant = table.split("**greedy exact match: difference to variant mean**")[1].split("**")[0]
+    diffs = [0.25, 0.25, 0.5]  # focus - mean, own label, per seed
+    half = 4.303 * statistics.stdev(diffs) / math.sqrt(3)
+    assert f"| focus | own | +{statistics.mean(diffs):.2f} [{statistics.mean(diffs) - half:+.2f}, " in by_variant
+    assert "| mean |" not in by_variant  # the baseline variant is not compared with itself
+    by_label = table.split("**greedy exact match: difference to own**")[1].split("**")[0]
+    assert "| mean | rethink | +0.17 [" in by_label and "| focus | rethink | +0.17 [" in by_label
+    loss = table.split("**answer loss (nats per answer token)** by length")[1].split("**")[0]
+    assert "| mean | own | 0.6667 ± " in loss  # four decimals for a loss
+    ablate_evaluate.write(rows, [1, 2, 3], tmp_path, "own", "mean")
+    assert (tmp_path / "evaluation.png").is_file()
+
+
 @pytest.mark.parametrize(
     "evaluate, message",
     [
