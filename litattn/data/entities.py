@@ -34,7 +34,8 @@ _IMPORTED = re.compile(r"(?:import|from)\s+[A-Za-z_.]")
 _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 _CALLED = re.compile(rf"({_DOTTED})\(")
 _ASSIGNED = re.compile(rf"({_DOTTED})(?:\s*,\s*{_DOTTED})*\s*(?::[^=\n]+)?(?:=(?!=)|[-+*/%@&|^]=|//=|\*\*=|>>=|<<=)")
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+"""Text that ends a sentence: . ! or ?, then closing quotes or brackets (the rule of SET's `after: sentence`)."""
 _INSIDE_SENTENCE = re.compile(r"[^\s.!?] +([A-Z]\w*)")
 """A capitalised word after spaces (no newline) that follow something other than a sentence end."""
 
@@ -51,7 +52,7 @@ def at_sentence_start(text: str, at: int) -> bool:
     body = before.rstrip()
     if not body or "\n" in before[len(body) :]:
         return True
-    return _SENTENCE_END.search(body) is not None
+    return SENTENCE_END.search(body) is not None
 
 
 def starts_entity(text: str, at: int, names: frozenset[str] | None = None) -> bool:
@@ -77,4 +78,4 @@ def starts_entity(text: str, at: int, names: frozenset[str] | None = None) -> bo
     return word.group() in names
 
 
-__all__ = ["at_sentence_start", "proper_names", "starts_entity"]
+__all__ = ["SENTENCE_END", "at_sentence_start", "proper_names", "starts_entity"]

@@ -73,7 +73,7 @@ from litattn import tokens as tk
 from litattn.args import check_choice, check_range, check_seed
 from litattn.attention.disrupt_set import SEGMENT_IDS
 from litattn.data.base import DataModule, EpochDataset, RunSeeded, has_prompts
-from litattn.data.entities import proper_names, starts_entity
+from litattn.data.entities import SENTENCE_END, proper_names, starts_entity
 from litattn.data.wrapping import wrapped_data
 from litattn.set_tokens import SETRedraw
 from litattn.tokenizer import Tokenizer
@@ -172,10 +172,13 @@ class SETPlacement:
         check_range("set.pool", self.pool, ge=1, le=tk.POOL_SIZE)
         check_range("set.probability", self.probability, gt=0, le=1)
 
+    def kinds(self) -> list[SetKind]:
+        """The SET kinds inserted: both with "auto"."""
+        return ["entity", "topic"] if self.kind == "auto" else [self.kind]
+
     def describe(self) -> str:
         share = "" if self.probability == 1 else f"{self.probability:.0%} of "
-        kinds: list[SetKind] = ["entity", "topic"] if self.kind == "auto" else [self.kind]
-        ranges = [(tk.pool(k)[0], tk.pool(k)[self.pool - 1]) for k in kinds]
+        ranges = [(tk.pool(k)[0], tk.pool(k)[self.pool - 1]) for k in self.kinds()]
         ids = " or ".join(f"<|set_{a}|>" if a == b else f"<|set_{a}|>..<|set_{b}|>" for a, b in ranges)
         kind = "entity or topic (by what follows)" if self.kind == "auto" else self.kind
         redraw = {"epoch": "re-drawn every epoch", None: "never re-drawn"}.get(
@@ -337,8 +340,7 @@ class Injector:
         self.disrupt_id = tk.disrupt_id(tokenizer) if disrupt is not None or segment_ids else None
         self.kind_ids: dict[SetKind, np.ndarray] = {}
         if set is not None:
-            kinds: list[SetKind] = ["entity", "topic"] if set.kind == "auto" else [set.kind]
-            self.kind_ids = {k: np.array(tk.set_ids(tokenizer, k)[: set.pool]) for k in kinds}
+            self.kind_ids = {k: np.array(tk.set_ids(tokenizer, k)[: set.pool]) for k in set.kinds()}
         self.set_ids = np.concatenate(list(self.kind_ids.values())) if set is not None else None
         """Every SET id this injector may insert (those SET re-draws re-draw)."""
         self.eos_id = tokenizer.eos_id
@@ -560,7 +562,7 @@ class TokenClasses:
             if body:
                 lead_nl[i] = text[: len(text) - len(text.lstrip())].count("\n")
                 trail_nl[i] = text[len(text.rstrip()) :].count("\n")
-                ends_sentence[i] = _SENTENCE_END.search(body) is not None
+                ends_sentence[i] = SENTENCE_END.search(body) is not None
                 closing[i] = _CLOSING.fullmatch(body) is not None
             else:
                 lead_nl[i] = text.count("\n")
@@ -568,7 +570,6 @@ class TokenClasses:
         return cls(visible, lead_nl, trail_nl, lead_ws, trail_ws, ends_sentence, closing, plain)
 
 
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 _CLOSING = re.compile(r"[\"')\]]+")
 
 
