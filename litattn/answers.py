@@ -34,10 +34,9 @@ from litattn.args import check_range, start_work
 from litattn.attention.hybrid import PREFIX_LEN
 from litattn.checkpoint import load_with_tokenizer
 from litattn.data.base import DataModule
+from litattn.data.instructions import IGNORE_INDEX
 from litattn.generate import check_rethink, generate
 from litattn.utils import atomic_write_text, progress_bar
-
-IGNORE_INDEX = -100
 
 
 def token_f1(prediction: str, reference: str) -> float:
