@@ -221,6 +221,8 @@ def files(tmp_path_factory) -> Path:
     for name, preset in (("ckpt", "tiny-llama"), ("gpt2", "tiny-gpt2")):
         config = Config.from_name(preset, vocab_size=320, block_size=16, n_layer=1)
         ckpt.save_checkpoint(root / name, GPT(config).state_dict(), config, tokenizer)
+    # Tokenize once here, so that no command-line test's stderr depends on which test ran first on its worker.
+    _data(root).setup(tokenizer, 320, 16, root / "cache")
     return root
 
 
