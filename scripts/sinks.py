@@ -1,18 +1,19 @@
 """Attention sinks and streaming, per variant and seed of an ablation: does a model put attention on its first
 token, and does keeping that token in a bounded cache help it read beyond its context?
 
-    python scripts/sinks.py out/ablations/sinks --sink_token sink-token [--lengths 2048 4096]
+    python scripts/sinks.py out/ablations/sinks [--lengths 2048 4096]
 
-For each `<ablation>/<variant>/seed-<s>/final`:
+For each `<ablation>/<variant>/seed-<s>/final`, on the data the run was trained on (its hyperparameters.yaml):
 - the attention mass on position 0 ("sink mass") per layer at the late query positions (128-255 for a 256-token
-  context), from `litattn evaluate attention` on 64 validation windows of the standard library, beside the mass
-  a uniform row would give it (1 / the keys a query sees, averaged over the bucket);
+  context), from `litattn evaluate attention` on 64 validation windows, beside the mass a uniform row would give
+  it (1 / the keys a query sees, averaged over the bucket);
 - `litattn evaluate streaming` loss at each length: window only (the latest block_size - 1 tokens), 1 sink + the
   same window, and recompute over the same window; by default 16 tokens per forward (`--stream_chunk`,
   `--stride`: each prediction then sees 240-255 recent tokens; 1 is exact and ~16x slower on a CPU).
-Variants named in `--sink_token` were trained with a `<|disrupt|>` at the start of every window
-(config_hub/ablations/sinks.yaml): their windows and streams begin with one. Prints markdown tables, with the
-paired differences (by seed) and their 95% Student-t intervals; writes `<ablation>/sinks.json`.
+A run trained with a `<|disrupt|>` at the start of every window (InjectTokens with `disrupt: {window_start:
+true}`, the sink-token variants of config_hub/ablations/sinks*.yaml) has its streams begin with one. Prints
+markdown tables, with the paired differences (by seed) and their 95% Student-t intervals; writes
+`<ablation>/sinks.json`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import json
 import statistics
 from pathlib import Path
 
-from litattn.data import InjectTokens, StdlibCorpus
+from jsonargparse import ArgumentParser
+
+from litattn.checkpoint import load_hyperparameters
+from litattn.data import DataModule, InjectTokens, StdlibCorpus
 from litattn.evaluate import streaming_perplexity
 from litattn.evaluate_attention import attention_statistics
 from litattn.stats import format_ci, paired_ci
@@ -31,11 +35,25 @@ from litattn.utils import atomic_write_text
 METHODS = ("window", "sink_window", "recompute")
 
 
-def measure(checkpoint: Path, sink_token: bool, args: argparse.Namespace) -> dict:
+def run_data(checkpoint: Path) -> DataModule:
+    """The data module the checkpoint's run was trained on (the standard library where it names none)."""
+    spec = (load_hyperparameters(checkpoint) or {}).get("data")
+    if spec is None:
+        return StdlibCorpus()
+    parser = ArgumentParser()
+    parser.add_argument("--data", type=DataModule)
+    return parser.instantiate(parser.parse_object({"data": spec})).data
+
+
+def has_sink_token(data: DataModule) -> bool:
+    """Whether every training window began with a `<|disrupt|>` (the dedicated sink token)."""
+    return isinstance(data, InjectTokens) and data.disrupt is not None and data.disrupt.window_start
+
+
+def measure(checkpoint: Path, args: argparse.Namespace) -> dict:
     """Sink mass per layer (late bucket), its uniform value, and streaming loss per length and method."""
-    data = StdlibCorpus()
-    if sink_token:
-        data = InjectTokens(StdlibCorpus(), disrupt={"every": None, "window_start": True}, segment_ids=False)
+    data = run_data(checkpoint)
+    sink_token = has_sink_token(data)
     out_dir = checkpoint.parent / "eval" / "attention"
     stats = attention_statistics(
         [checkpoint], data=data, windows=args.windows, out_dir=out_dir, cache_dir=args.cache_dir
@@ -54,6 +72,7 @@ def measure(checkpoint: Path, sink_token: bool, args: argparse.Namespace) -> dic
             stream_chunk=args.stream_chunk,
             stride=args.stride,
             out_file=checkpoint.parent / "eval" / f"streaming-{length}.json",
+            data=data.innermost(),
             cache_dir=args.cache_dir,
             first_token="<|disrupt|>" if sink_token else None,
         )
@@ -111,7 +130,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ablation", type=Path, help="an ablation's out_dir: <variant>/seed-<s>/final inside")
     parser.add_argument("--variants", nargs="*", help="variants to measure (default: all, in directory order)")
-    parser.add_argument("--sink_token", nargs="*", default=[], help="variants trained with a window-start token")
     parser.add_argument("--lengths", nargs="*", type=int, default=[2048, 4096], help="streamed tokens")
     parser.add_argument("--windows", type=int, default=64, help="validation windows for the attention statistics")
     parser.add_argument("--stream_chunk", type=int, default=16, help="tokens per streaming forward (1: exact)")
@@ -126,7 +144,7 @@ def main() -> None:
         results[v] = {}
         for final in sorted((args.ablation / v).glob("seed-*/final")):
             seed = int(final.parent.name.split("-")[1])
-            results[v][seed] = measure(final, v in args.sink_token, args)
+            results[v][seed] = measure(final, args)
     report = tables(results, args.lengths)
     print(report)
     atomic_write_text(args.ablation / "sinks.json", json.dumps(results, indent=2) + "\n")

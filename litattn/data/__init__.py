@@ -1,6 +1,7 @@
 """Data modules: a corpus goes in, cached token files and `TokenWindows` datasets come out."""
 
 from litattn.data.base import DataModule, TokenWindows
+from litattn.data.bigram_backcopy import BigramBackcopy
 from litattn.data.inject import DisruptPlacement, InjectTokens, SETPlacement
 from litattn.data.instructions import (
     ALPACA_PROMPT,
@@ -21,6 +22,7 @@ from litattn.data.text_files import TextFiles
 __all__ = [
     "ALPACA_PROMPT",
     "AlpacaJSON",
+    "BigramBackcopy",
     "DataModule",
     "DisruptPlacement",
     "Example",
