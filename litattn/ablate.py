@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import yaml
 
-from litattn import ablate_evaluate
+from litattn import ablate_evaluate, ablate_prepare
 from litattn.args import check_range, check_seed, start_work
 from litattn.checkpoint import latest_checkpoint
 from litattn.cli import parse_config
@@ -71,6 +71,7 @@ def ablate(
     baseline: str | None = None,
     parallel: int = 1,
     evaluate: dict | None = None,
+    prepare: list[dict] | None = None,
     dry_run: bool = False,
 ) -> Path:
     """Run every variant x seed of an ablation and write results.csv, results.md and plots.
@@ -88,6 +89,9 @@ def ablate(
         evaluate: Evaluate each run's final checkpoint afterwards (litattn/ablate_evaluate.py): `attention` maps
             labels to the specs to evaluate with, `perplexity` and `passkey` hold `litattn evaluate` arguments,
             e.g. `{attention: {causal: {name: causal}}, passkey: {lengths: [256, 512], context: 512}}`.
+        prepare: litattn commands run before the runs, each skipped once the path it `creates` exists
+            (litattn/ablate_prepare.py), e.g. a scorer finetuned and a dictionary built from it;
+            `{seed}` in a step runs it once per seed.
         dry_run: Print the planned runs and exit.
     """
     base = Path(base)
@@ -116,11 +120,16 @@ def ablate(
 
     if evaluate is not None:
         trained = {v: ((configs[f"{v}/seed-{seeds[0]}"].get("model") or {}).get("attention")) for v in variants}
-        evaluations = ablate_evaluate.plan(evaluate, runs, {v: a for v, a in trained.items() if isinstance(a, dict)})
+        trained = {v: a for v, a in trained.items() if isinstance(a, dict)}
+        evaluations = ablate_evaluate.plan(evaluate, runs, trained, configs)
     else:
         evaluations = []
 
+    steps = ablate_prepare.plan(prepare, list(seeds)) if prepare is not None else []
+
     print(f"Ablation {out_dir}: {len(variants)} variants x {len(seeds)} seeds, budget {budget or 'as in the recipe'}")
+    for step in steps:
+        print(f"  {step.name:<40} {'done' if step.done else 'new'}: creates {step.creates}")
     for run in runs:
         state = "done" if run.finished else ("resume" if _has_checkpoint(run) else "new")
         print(f"  {run.name:<40} {state}")
@@ -131,6 +140,7 @@ def ablate(
 
     for directory in (out_dir, *(run.directory for run in runs)):  # what a killed ablate or run was writing
         remove_stale_temps(directory)
+    ablate_prepare.execute(steps, out_dir)
     todo = [r for r in runs if not r.finished]
     for run in todo:
         shutil.rmtree(run.directory / "eval", ignore_errors=True)  # evaluations of a checkpoint about to change

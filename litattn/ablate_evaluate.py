@@ -8,6 +8,7 @@ several attention specs (e.g. causal against Self-Extend beyond the trained cont
       perplexity: {lengths: [256, 512], max_batches: 4, context: 512}   # `litattn evaluate perplexity` arguments
       passkey: {lengths: [256, 512], trials: 4, context: 512}           # `litattn evaluate passkey` arguments
       answers: {data: {class_path: litattn.data.PyDocQA}, items: 64}  # `litattn evaluate answers` arguments
+                                  # (data: own, seq_len: own: each run's own data and train.max_seq_length)
       variants: [se-g4]           # evaluate only these variants' runs (default: all), e.g. where a spec's
                                   # options belong to one mechanism
       baseline: causal            # the attention label others are compared with, paired by seed (default: the first)
@@ -85,11 +86,18 @@ class Evaluation:
         return config
 
 
-def plan(spec: dict[str, Any], runs: list, trained_attention: dict[str, dict] | None = None) -> list[Evaluation]:
+def plan(
+    spec: dict[str, Any],
+    runs: list,
+    trained_attention: dict[str, dict] | None = None,
+    run_configs: dict[str, dict] | None = None,
+) -> list[Evaluation]:
     """The evaluations of every run, checked (keys, attention specs, each subcommand's arguments) before any work.
 
     trained_attention: variant -> the attention spec its runs train with, where the recipe sets one; a spec
     without a `name` (options that update the checkpoint's spec) is checked merged into each chosen variant's.
+    run_configs: run name -> its config, where `data: own` and `seq_len: own` come from (its data module, its
+    train.max_seq_length): each run evaluated on what it was trained on, e.g. its own truncation.
     """
     if not isinstance(spec, dict):
         raise ValueError(f"evaluate must be a mapping of attention, perplexity and passkey, got {spec!r}")
@@ -127,11 +135,37 @@ def plan(spec: dict[str, Any], runs: list, trained_attention: dict[str, dict] | 
             arguments = dict(spec[kind] or {})
             if "attention" in arguments or "checkpoint_dir" in arguments:
                 raise ValueError(f"evaluate.{kind} sets attention/checkpoint_dir; the ablation sets those itself")
+            arguments = _own_values(kind, arguments, (run_configs or {}).get(run.name))
             for label, att in attention.items():
                 evaluations.append(Evaluation(run, kind, label, {**arguments, **({"attention": att} if att else {})}))
-    for e in evaluations[: len(kinds) * len(attention)]:  # each distinct config once, on the first run
-        _check_arguments(e)
+    per_run = len(kinds) * len(attention)
+    first_of_each_variant = {e.run.variant: i for i, e in reversed(list(enumerate(evaluations)))}
+    for start in sorted(first_of_each_variant.values()):  # each distinct config once (per variant: `own` values)
+        for e in evaluations[start : start + per_run]:
+            _check_arguments(e)
     return evaluations
+
+
+OWN = {
+    "data": lambda config: config.get("data"),
+    "seq_len": lambda config: (config.get("train") or {}).get("max_seq_length"),
+}
+"""Arguments that may be `own`: the run's value, read from its config."""
+
+
+def _own_values(kind: str, arguments: dict[str, Any], run_config: dict | None) -> dict[str, Any]:
+    """`arguments` with each `own` replaced by the run's value (OWN); a one-line error where there is none."""
+    out = dict(arguments)
+    for key, value in arguments.items():
+        if value != "own":
+            continue
+        if key not in OWN:
+            raise ValueError(f"evaluate.{kind}.{key}: only {' and '.join(OWN)} may be `own` (the run's value)")
+        own = OWN[key](run_config or {})
+        if own is None:
+            raise ValueError(f"evaluate.{kind}.{key} is `own` but the run's recipe sets no {key}; name one")
+        out[key] = own
+    return out
 
 
 def _check_attention(label: str, spec: Any, where: str = "") -> None:

@@ -113,6 +113,7 @@ def answers(
     out_file: Path | None = None,
     cache_dir: Path = Path("cache"),
     context: int | None = None,
+    seq_len: int | None = None,
 ) -> dict[str, Any]:
     """Answer loss and greedy-answer scores (exact, first line, token F1) of a checkpoint on held-out items.
 
@@ -127,6 +128,8 @@ def answers(
         out_file: Where to write the results as JSON; default: `<checkpoint_dir>/eval/answers.json`.
         cache_dir: Where tokenized data is cached.
         context: Accept items up to this many tokens, beyond what the attention handles at block_size.
+        seq_len: The length the data module cuts items to (a truncation budget, as in training); default: the
+            model's context.
 
     Returns:
         The results written to out_file: the settings and one row (`length`: the items' length) with `items`,
@@ -137,11 +140,14 @@ def answers(
     check_range("items", items, ge=1, null="all")
     check_range("rethink_every", rethink_every, ge=1, null="the attention's option")
     check_range("context", context, ge=1, null="what the attention handles")
+    check_range("seq_len", seq_len, ge=2, null="the model's context")
     start_work()
     model, tokenizer, config = load_with_tokenizer(checkpoint_dir, attention=attention, context=context)
     model.eval()
     every = check_rethink(model, rethink_every, streaming=False)
-    data.setup(tokenizer, config.vocab_size, model.max_seq_length, Path(cache_dir))
+    if seq_len is not None and seq_len > model.max_seq_length:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's context of {model.max_seq_length}; lower it")
+    data.setup(tokenizer, config.vocab_size, seq_len or model.max_seq_length, Path(cache_dir))
     val = data.val_dataset()
     if len(val) == 0:
         raise ValueError("The validation split has no items; add data")

@@ -300,6 +300,63 @@ def test_evaluate_variants_chooses_whose_runs_are_evaluated(tmp_path):
         ablate_evaluate.plan(grad, runs, trained)
 
 
+def test_own_data_and_seq_len_are_each_runs_own(tmp_path):
+    """`data: own` and `seq_len: own` in an evaluation: each run evaluated on its own data module and length (a
+    truncation row on its own cut), read from its config; other keys cannot be `own`; a run without one is an
+    error before any work."""
+    from litattn import ablate_evaluate
+    from litattn.ablate import Run
+
+    runs = [Run(v, seed, tmp_path / v / f"seed-{seed}") for v in ("left", "idf") for seed in (1, 2)]
+    data = {v: {"class_path": "litattn.data.PyDocQA", "init_args": {"truncation": t}} for v, t in
+            (("left", "input_left"), ("idf", "idf"))}  # fmt: skip
+    configs = {r.name: {"data": data[r.variant], "train": {"max_seq_length": 64 * r.seed}} for r in runs}
+    spec = {"answers": {"data": "own", "seq_len": "own", "items": 4}}
+    evaluations = ablate_evaluate.plan(spec, runs, None, configs)
+    got = [(e.run.name, e.config["data"]["init_args"]["truncation"], e.config["seq_len"]) for e in evaluations]
+    assert got == [("left/seed-1", "input_left", 64), ("left/seed-2", "input_left", 128),
+                   ("idf/seed-1", "idf", 64), ("idf/seed-2", "idf", 128)]  # fmt: skip
+    assert all(e.config["items"] == 4 for e in evaluations)
+    with pytest.raises(ValueError, match=re.escape("evaluate.answers.items: only data and seq_len may be `own`")):
+        ablate_evaluate.plan({"answers": {"items": "own"}}, runs, None, configs)
+    configs["idf/seed-2"]["train"] = {}
+    with pytest.raises(ValueError, match=re.escape("evaluate.answers.seq_len is `own` but the run's recipe sets no")):
+        ablate_evaluate.plan(spec, runs, None, configs)
+
+
+def test_prepare_steps_run_once_per_seed_before_the_runs_that_need_them(tmp_path, corpus, capsys):
+    """A `prepare` step pretrains a first stage per seed; the variants continue their seed's checkpoint. A rerun
+    runs no step again; a misspelt option fails before any work; a step that does not make what it promises
+    stops the ablation with its log."""
+    data = ["--data", "TextFiles", "--data.train_dirs", f"[{corpus}]", "--cache_dir", str(tmp_path / "cache")]
+    stage = str(tmp_path / "stage-1" / "seed-{seed}")
+    command = ["pretrain", "--config", str(ROOT / "config_hub/pretrain/debug.yaml"), *data, "--seed", "{seed}"]
+    command += ["--train.max_steps", "2", "--log.sample_prompt", "null", "--out_dir", stage]
+    prepare = [{"command": command, "creates": f"{stage}/final"}]
+    continued = {"initial_checkpoint_dir": f"{stage}/final"}
+    out = smoke(tmp_path / "grid", corpus, tmp_path / "cache", prepare=prepare, variants={"causal": continued})
+    for seed in (1, 2):
+        assert (tmp_path / "stage-1" / f"seed-{seed}" / "final").is_dir()
+        assert (out / "prepare" / f"1-seed-{seed}.log").is_file()
+        config = (out / "causal" / f"seed-{seed}" / "run.yaml").read_text()
+        assert f"stage-1/seed-{seed}/final" in config
+    assert "prepare 1 seed 2: litattn pretrain" in capsys.readouterr().out
+    smoke(tmp_path / "grid", corpus, tmp_path / "cache", prepare=prepare, variants={"causal": continued})
+    rerun = capsys.readouterr().out
+    assert "prepare 1 seed 2                         done" in rerun and "litattn pretrain" not in rerun
+
+    with pytest.raises(ValueError, match=re.escape("prepare step 1 is not a valid litattn command")):
+        smoke(tmp_path / "bad", corpus, tmp_path / "cache", prepare=[{"command": [*command, "--trian.x", "1"],
+              "creates": "x"}])  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match=re.escape("prepare step 1 must have exactly the keys command and creates")):
+        smoke(tmp_path / "bad", corpus, tmp_path / "cache", prepare=[{"command": command}])
+    other = [a.replace("stage-1", "stage-x") for a in command]
+    broken = [{"command": other, "creates": str(tmp_path / "never-{seed}")}]
+    with pytest.raises(RuntimeError, match=r"prepare 1 seed 1 failed \(it did not create .*never-1\); see "):
+        smoke(tmp_path / "broken", corpus, tmp_path / "cache", prepare=broken)
+
+
 def test_epoch_tables_show_validation_and_gap_at_epoch_ends(tmp_path):
     """Two seeds of 4 epochs x 2 steps, hand-written logs: the gap is val at the epoch's last step minus the mean
     training loss over its steps."""

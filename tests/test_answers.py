@@ -156,11 +156,23 @@ def test_answers_rethinks_as_generate_does(reverse_checkpoint):
     assert same["results"] == result["results"]  # the attention option does what the argument does
 
 
+def test_answers_cut_items_to_the_seq_len_given(reverse_checkpoint):
+    """Items are made at seq_len (a truncation budget, as in training), not at the model's context."""
+    path, data, root = reverse_checkpoint
+    full = answers(path, data, items=4, out_file=root / "full.json", cache_dir=root / "cache")
+    cut = answers(path, data, items=4, seq_len=16, out_file=root / "cut.json", cache_dir=root / "cache")
+    assert full["results"][0]["length"] == 128 and cut["results"][0]["length"] == 16
+    same = ("answer_loss", "exact_match", "first_line_match", "token_f1")  # these items fit in 16 tokens whole
+    assert [{k: r[k] for k in same} for r in cut["per_item"]] == [{k: r[k] for k in same} for r in full["per_item"]]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--items", "0"], "items must be >= 1 (or null for all), got 0"),
         (["--rethink_every", "0"], "rethink_every must be >= 1"),
+        (["--seq_len", "1"], "seq_len must be >= 2 (or null for the model's context), got 1"),
+        (["--seq_len", "256"], "seq_len 256 exceeds the model's context of 128; lower it"),
     ],
 )
 def test_bad_input_is_one_line(reverse_checkpoint, tmp_path, capsys, extra, message):
