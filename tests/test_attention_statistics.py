@@ -5,7 +5,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
-from test_truncation import CASES, case, small_chunks, tiny_checkpoint  # noqa: F401 (fixtures)
+from test_truncation import CASES, case, small_chunks, tiny, tiny_checkpoint  # noqa: F401 (fixtures)
 
 from litattn import checkpoint as ckpt
 from litattn.attention.statistics import AttentionStatistics, bucket_label, bucket_of
@@ -158,10 +158,14 @@ def test_bad_arguments_fail_before_work(two_checkpoints, tmp_path, kwargs, messa
         attention_statistics(**{**args, **kwargs})
 
 
-def test_the_probe_hands_segments_over_and_records_temperatures(small_chunks):  # noqa: F811
+@pytest.mark.parametrize("wrapped", [False, True], ids=["disrupt_set", "ssa-around-disrupt_set"])
+def test_the_probe_hands_segments_over_and_records_temperatures(small_chunks, wrapped):  # noqa: F811
+    """Also through SSA around disrupt_set: the wrapper reports its base's segments."""
     from litattn.evaluate_attention import MechanismProbe
 
     model, idx, metadata, _ = case("disrupt_set")  # row 0: segments [0, 4), [4, 8), [8, 11); row 1: one segment
+    if wrapped:
+        model = tiny({"name": "ssa", "base": {"name": "disrupt_set"}, "identity_init": True})
     maps = model.attention_maps(idx)
     stats = AttentionStatistics(sinks=1)
     with MechanismProbe(model, stats) as probe:
@@ -173,7 +177,9 @@ def test_the_probe_hands_segments_over_and_records_temperatures(small_chunks):  
         want = [mass[..., [i for i in range(11) if int(math.log2(i + 1)) == b]].mean() for b in range(4)]
         torch.testing.assert_close(stats.summary()[layer]["segment_mass"], torch.stack(want))
     assert float(stats.summary()[0]["segment_mass"][3]) < 1  # the sinks outside the segment take some mass
-    assert probe.temperature_summary() == [] and not model.transformer.h[0].attn.mechanism._forward_pre_hooks
+    assert (probe.temperature_summary() != []) == wrapped and not model.transformer.h[
+        0
+    ].attn.mechanism._forward_pre_hooks
 
     model, idx, _, _ = case("ssa")
     with MechanismProbe(model, AttentionStatistics()) as probe:
@@ -182,7 +188,6 @@ def test_the_probe_hands_segments_over_and_records_temperatures(small_chunks):  
     assert kinds == [(0, "query"), (0, "value"), (1, "query"), (1, "value")]
 
     # the position term alone, by hand: 1 + g exp(-exp(beta)) ln(position + 1) at positions 0 .. 10
-    from test_truncation import tiny
 
     model = tiny({"name": "ssa", "token_temperature": False, "value_temperature": False})
     with torch.no_grad():

@@ -50,6 +50,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture
 def stubs(monkeypatch, tiny_checkpoint):
     import litattn.ablate
+    import litattn.ablate_prepare
     import litattn.evaluate
     import litattn.generate
     import litattn.loop
@@ -71,6 +72,7 @@ def stubs(monkeypatch, tiny_checkpoint):
     monkeypatch.setattr(convert_module, "from_hf", _reached)
     monkeypatch.setattr(convert_module, "to_hf", _reached)
     monkeypatch.setattr(litattn.ablate, "_execute", _reached)
+    monkeypatch.setattr(litattn.ablate_prepare, "execute", _reached)  # an ablation's prepare stage runs first
 
 
 PRETRAIN = ["pretrain", "--config", str(ROOT / "config_hub/pretrain/debug.yaml"), "--accelerator", "cpu"]

@@ -388,3 +388,15 @@ def test_state_dict_has_no_cache_and_only_enabled_parameters():
     model.clear_kv_cache()
     for block in model.transformer.h:
         assert block.attn.mechanism.base.kv_cache is None
+
+
+@pytest.mark.parametrize("base", ["causal", "disrupt_set", "hybrid"])
+def test_the_wrapper_declares_what_its_base_declares(base):
+    """What the model and the tools ask of a mechanism (metadata it reads, its segments, its rethink interval)
+    is its base's: SSA only scales q and v."""
+    config = Config.from_name("tiny-llama", attention={"name": "ssa", "base": {"name": base}})
+    model = GPT(config)
+    ssa = model.transformer.h[0].attn.mechanism
+    for attribute in ("metadata_keys", "segment_key", "rethink_every", "supports_kv_cache"):
+        assert getattr(ssa, attribute) == getattr(ssa.base, attribute), attribute
+    assert (ssa.segment_key is not None) == (base == "disrupt_set")

@@ -94,6 +94,7 @@ class SelectiveSelfAttention(AttentionMechanism):
         self.supports_training = self.base.supports_training
         self.supports_kv_cache = self.base.supports_kv_cache
         self.metadata_keys = self.base.metadata_keys
+        self.segment_key = self.base.segment_key
         self.trailing_positions_independent = self.base.trailing_positions_independent
         self.rethink_every = self.base.rethink_every
         hs, nh, ng = config.head_size, config.n_head, config.n_query_groups
