@@ -138,12 +138,17 @@ def plan(
             arguments = _own_values(kind, arguments, (run_configs or {}).get(run.name))
             for label, att in attention.items():
                 evaluations.append(Evaluation(run, kind, label, {**arguments, **({"attention": att} if att else {})}))
-    per_run = len(kinds) * len(attention)
-    first_of_each_variant = {e.run.variant: i for i, e in reversed(list(enumerate(evaluations)))}
-    for start in sorted(first_of_each_variant.values()):  # each distinct config once (per variant: `own` values)
-        for e in evaluations[start : start + per_run]:
+    checked = set()
+    for e in evaluations:  # each distinct config once (runs differ only in their paths, unless `own` is used)
+        key = json.dumps({k: v for k, v in e.config.items() if k not in PATHS}, sort_keys=True, default=str)
+        if key not in checked:
+            checked.add(key)
             _check_arguments(e)
     return evaluations
+
+
+PATHS = ("checkpoint_dir", "out_file", "out_dir")
+"""The config keys that differ between runs' evaluations by construction."""
 
 
 OWN = {

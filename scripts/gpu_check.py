@@ -62,20 +62,12 @@ def mechanisms(T: int) -> dict[str, tuple[dict, dict, Callable | None]]:
     }
 
 
-def with_kernel(spec: dict, kernel: str) -> dict:
-    """The spec with its kernel set: SSA's base mechanism holds it (SSA scales q and v, its base attends)."""
-    if spec["name"] == "ssa":
-        return {**spec, "base": {**spec.get("base", {}), "kernel": kernel}}
-    return {**spec, "kernel": kernel}
-
-
 def has_flex(spec: dict) -> bool:
-    inner = spec.get("base", {"name": "causal"}) if spec["name"] == "ssa" else spec
-    return "flex" in get_attention(inner.get("name", "causal")).kernels
+    return "flex" in get_attention(spec["name"]).kernels
 
 
 def build(preset: str, spec: dict, overrides: dict, T: int, kernel: str, device, seed: int = 0) -> GPT:
-    config = Config.from_name(preset, block_size=T, attention=with_kernel(spec, kernel), **overrides)
+    config = Config.from_name(preset, block_size=T, attention={**spec, "kernel": kernel}, **overrides)
     torch.manual_seed(seed)
     return GPT(config).to(device)
 

@@ -77,7 +77,6 @@ def test_a_tokenizer_that_merges_symbols_is_refused_before_tokenizing(tmp_path):
     "kwargs, message",
     [
         ({"symbols": "aab"}, "symbols must be a string of at least 2 distinct characters"),
-        ({"symbols": "a b"}, "symbols must not hold whitespace"),
         ({"symbols": "abc", "triggers": 3}, "triggers must be >= 0 and <= len(symbols) - 1 (2), got 3"),
         ({"alpha": 0}, "alpha must be > 0, got 0"),
         ({"train_symbols": 1}, "train_symbols must be >= 2, got 1"),

@@ -5,8 +5,8 @@ The text is a chain of `symbols`, one character each. After a trigger symbol (th
 next symbol copies the one before the trigger (backcopy); after any other symbol, the next is drawn from that
 symbol's row of a fixed random transition matrix (bigram). So attention is needed only at trigger positions (a
 head that looks one token back); everywhere else the current token alone predicts the next, and a head that must
-put its mass somewhere harmless is what the sink gives it. Prose, by contrast, gives every head work at every
-position, which is why the quickstart's models form no sink at this scale (docs/experiments.md).
+put its mass somewhere harmless is what the sink gives it. Prose gives heads work at almost every position; the
+quickstart's models formed no sink on it (docs/experiments.md).
 
     symbols "abcdef", triggers 1 ("a"):   ...c e b a b d f a f c a c ...
                                                  ^ ^       ^ ^   ^ ^   (after "a", the symbol before "a" again)
@@ -84,8 +84,6 @@ class BigramBackcopy(DataModule):
     def __post_init__(self) -> None:
         if not isinstance(self.symbols, str) or len(set(self.symbols)) != len(self.symbols) or len(self.symbols) < 2:
             raise ValueError(f"symbols must be a string of at least 2 distinct characters, got {self.symbols!r}")
-        if any(c.isspace() for c in self.symbols):
-            raise ValueError(f"symbols must not hold whitespace (it splits tokens), got {self.symbols!r}")
         check_range("triggers", self.triggers, ge=0, le=len(self.symbols) - 1, bound_name="len(symbols) - 1")
         check_range("alpha", self.alpha, gt=0)
         check_range("train_symbols", self.train_symbols, ge=2)
