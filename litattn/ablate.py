@@ -119,8 +119,8 @@ def ablate(
         _validate(entry_point, configs[f"{variant}/seed-{seeds[0]}"], variant)
 
     if evaluate is not None:
-        trained = {v: ((configs[f"{v}/seed-{seeds[0]}"].get("model") or {}).get("attention")) for v in variants}
-        trained = {v: a for v, a in trained.items() if isinstance(a, dict)}
+        specs = {v: (configs[f"{v}/seed-{seeds[0]}"].get("model") or {}).get("attention") for v in variants}
+        trained = {v: a for v, a in specs.items() if isinstance(a, dict)}
         evaluations = ablate_evaluate.plan(evaluate, runs, trained, configs)
     else:
         evaluations = []

@@ -17,7 +17,6 @@ misspelt option fails at once; each runs as `python -m litattn <command>`, its o
 from __future__ import annotations
 
 import contextlib
-import io
 import shlex
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from litattn.cli import main
+from litattn.cli import check_command
 
 PLACEHOLDER = "{seed}"
 
@@ -49,9 +48,8 @@ class Step:
         return self.creates.exists()
 
     def log_file(self, out_dir: Path) -> Path:
-        return (
-            out_dir / "prepare" / (f"{self.index}" + (f"-seed-{self.seed}" if self.seed is not None else "") + ".log")
-        )
+        seed = f"-seed-{self.seed}" if self.seed is not None else ""
+        return out_dir / "prepare" / f"{self.index}{seed}.log"
 
 
 def plan(spec: Any, seeds: list[int]) -> list[Step]:
@@ -73,9 +71,9 @@ def plan(spec: Any, seeds: list[int]) -> list[Step]:
         if argv[0] == "litattn":
             argv = argv[1:]
         per_seed = any(PLACEHOLDER in a for a in [*argv, creates])
-        for seed in seeds if per_seed else [None]:
-            fill = (lambda s: s.replace(PLACEHOLDER, str(seed))) if seed is not None else (lambda s: s)  # noqa: B023
-            steps.append(Step(i, [fill(a) for a in argv], Path(fill(creates)), seed))
+        for seed in seeds if per_seed else [None]:  # without a placeholder, replacing it changes nothing
+            filled = [a.replace(PLACEHOLDER, str(seed)) for a in argv]
+            steps.append(Step(i, filled, Path(creates.replace(PLACEHOLDER, str(seed))), seed))
     for step in steps:
         if step.seed is None or step.seed == seeds[0]:  # each command line once
             _check(step)
@@ -84,14 +82,10 @@ def plan(spec: Any, seeds: list[int]) -> list[Step]:
 
 def _check(step: Step) -> None:
     """Parse the command as `litattn` would, with --print_config: nothing runs."""
-    err = io.StringIO()
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            main([*step.argv, "--print_config"])
-    except SystemExit as e:
-        if e.code:
-            last = (err.getvalue().strip().splitlines() or ["(no message)"])[-1]
-            raise ValueError(f"prepare step {step.index} is not a valid litattn command: {last}") from None
+        check_command(step.argv)
+    except ValueError as e:
+        raise ValueError(f"prepare step {step.index} is not a valid litattn command: {e}") from None
 
 
 def execute(steps: list[Step], out_dir: Path) -> None:

@@ -279,15 +279,22 @@ def parse_config(command: list[str], config: dict) -> str:
     line when it does not parse or check."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
+    try:
+        return check_command([*command, "--config", f.name])
+    finally:
+        os.unlink(f.name)
+
+
+def check_command(argv: list[str]) -> str:
+    """What `litattn <argv> --print_config` prints: the command line parsed and checked as the command would check
+    it, without running it. ValueError with the error's last line when it does not parse or check."""
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main([*command, "--config", f.name, "--print_config"])
+            main([*argv, "--print_config"])
     except SystemExit as e:
         if e.code:
             raise ValueError((err.getvalue().strip().splitlines() or ["(no message)"])[-1]) from None
-    finally:
-        os.unlink(f.name)
     return out.getvalue()
 
 

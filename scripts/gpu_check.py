@@ -30,10 +30,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from litattn import GPT, Config
-from litattn.attention.registry import get_attention
-from litattn.cpu import matmul_peak
-from litattn.training import flops_per_token
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_vs_litgpt import load_litgpt  # noqa: E402
+
+from litattn import GPT, Config  # noqa: E402
+from litattn.attention.registry import get_attention  # noqa: E402
+from litattn.cpu import matmul_peak  # noqa: E402
+from litattn.training import flops_per_token  # noqa: E402
 
 
 def segments(B: int, T: int, device) -> dict:
@@ -72,7 +75,7 @@ def build(preset: str, spec: dict, overrides: dict, T: int, kernel: str, device,
     return GPT(config).to(device)
 
 
-def kernels_table(preset: str, T: int, B: int, device, dry_run: bool) -> list[list[str]]:
+def kernels_table(preset: str, T: int, B: int, device) -> list[list[str]]:
     train = device.type == "cuda"
     rows = []
     for name, (spec, overrides, meta) in mechanisms(T).items():
@@ -131,16 +134,13 @@ def training_table(preset: str, T: int, B: int, steps: int, device) -> list[list
     return rows
 
 
-def _steps_per_second(step: Callable[[], None], sync: Callable[[], None], warmup: int, steps: int) -> list[float]:
-    times = []
-    for i in range(warmup + steps):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+def _seconds(step: Callable[[], None], sync: Callable[[], None]) -> float:
+    """One step's wall time, the device's queue drained before and after."""
+    sync()
+    start = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - start
 
 
 def throughput_table(preset: str, T: int, B: int, steps: int, device, litgpt_dir: Path | None) -> list[list[str]]:
@@ -149,9 +149,6 @@ def throughput_table(preset: str, T: int, B: int, steps: int, device, litgpt_dir
     peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     models = {"litattn": build(preset, {"name": "causal"}, {}, T, "auto", device)}
     if litgpt_dir is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_vs_litgpt import load_litgpt
-
         config_module, model_module = load_litgpt(litgpt_dir)
         ours = models["litattn"].config
         theirs = config_module.Config.from_name(
@@ -175,13 +172,14 @@ def throughput_table(preset: str, T: int, B: int, steps: int, device, litgpt_dir
 
     for _ in range(steps):  # alternated, one step each per round, after the first round's warm-up
         for name in models:
-            times[name] += _steps_per_second(step(name), sync, 0, 1)
+            times[name].append(_seconds(step(name), sync))
     rows = []
     for name, model in models.items():
         median = statistics.median(times[name][1:] or times[name])
         tok_s = B * T / median
         mfu = flops_per_token(model, T) * tok_s / peak if name == "litattn" else None
-        rows.append([name, preset, f"{B} x {T}", f"{tok_s:,.0f}", f"{mfu:.1%}" if mfu else "-"])
+        params = sum(p.numel() for p in model.parameters())
+        rows.append([name, preset, f"{params:,}", f"{B} x {T}", f"{tok_s:,.0f}", f"{mfu:.1%}" if mfu else "-"])
     return rows
 
 
@@ -196,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--litgpt_dir", type=Path, help="an unpacked litgpt wheel, for the throughput comparison")
     parser.add_argument("--steps", type=int, default=20, help="training steps per mechanism and per model")
     args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error(f"--steps must be >= 2 (a first step to compare with, a warm-up to drop), got {args.steps}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if device.type != "cuda" and not args.dry_run:
         raise SystemExit("error: no CUDA device here; run with --dry_run to check the script on the CPU")
@@ -207,12 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# GPU check on {name}, torch {torch.__version__}{' (dry run: toy sizes)' if args.dry_run else ''}\n")
     print(f"## 1. flex against SDPA ({preset}, {B} x {T}; max |difference|)\n")
     header = ["mechanism", "dtype", "logits", "gradients", "largest gradient", "finite"]
-    print(table(header, kernels_table(preset, T, B, device, args.dry_run)) + "\n", flush=True)
+    print(table(header, kernels_table(preset, T, B, device)) + "\n", flush=True)
     print(f"## 2. {steps} training steps on one batch ({preset}, {B} x {T}, kernel auto)\n")
     header = ["mechanism", "first loss", "last loss", "tokens/s", "falls and finite"]
     print(table(header, training_table(preset, T, B, steps, device)) + "\n", flush=True)
     print(f"## 3. Training throughput ({big}, bf16 autocast on CUDA, medians of {steps} alternated steps)\n")
-    header = ["model", "config", "batch", "tokens/s", "MFU (measured peak)"]
+    header = ["model", "config", "parameters", "batch", "tokens/s", "MFU (measured peak)"]
     print(table(header, throughput_table(big, big_T, big_B, steps, device, args.litgpt_dir)), flush=True)
 
 

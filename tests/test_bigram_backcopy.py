@@ -45,9 +45,9 @@ def test_setup_writes_one_token_per_symbol_and_reuses_its_files(tmp_path):
     assert len(text) == 1000 and set(text) <= set("abcdefgh")
     assert all(text[t] == text[t - 2] for t in range(2, len(text)) if text[t - 1] in "ab")
     window = data.val_dataset()[0]
-    ids = window["input_ids"] if isinstance(window, dict) else window[0]
-    assert tokenizer.decode(ids.tolist()) == text[:32]
-    assert len(data.train_dataset()) == (5000 + 1 - 1) // 32  # 5,000 symbols + the EOS after the file
+    assert tokenizer.decode(window["input_ids"].tolist()) == text[:32]
+    assert tokenizer.decode(window["labels"].tolist()) == text[1:33]
+    assert len(data.train_dataset()) == 5000 // 32  # 5,001 tokens (+ the EOS after the file): 33 per window
     mtime = (folder / "train" / "train.txt").stat().st_mtime_ns
     BigramBackcopy(symbols="abcdefgh", triggers=2, train_symbols=5000, val_symbols=1000).setup(None, 278, 32, tmp_path)
     assert (folder / "train" / "train.txt").stat().st_mtime_ns == mtime

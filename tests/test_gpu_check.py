@@ -38,7 +38,13 @@ def test_the_dry_run_prints_every_table_and_the_paths_agree(capsys):
     training = rows(out, "## 2.")
     assert {r[0] for r in training} == names and all(r[-1] == "True" for r in training)
     (throughput,) = rows(out, "## 3.")
-    assert throughput[0] == "litattn" and re.fullmatch(r"[\d,]+", throughput[3]) and throughput[4].endswith("%")
+    assert throughput[0] == "litattn" and re.fullmatch(r"[\d,]+", throughput[4]) and throughput[5].endswith("%")
+
+
+def test_too_few_steps_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit):
+        load().main(["--dry_run", "--steps", "1"])
+    assert "--steps must be >= 2" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
