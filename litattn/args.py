@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from litattn.precision import check_precision
+
 MAX_SEED = 2**32 - 1
 """The largest seed Lightning's seed_everything (numpy's generator) accepts."""
 
@@ -313,7 +315,9 @@ class RuntimeArgs:
     """Where and how a training run computes, shared by pretrain, finetune and the loop. The entry points take
     these as flat command-line arguments (`--precision bf16-mixed`, as Lit-GPT's do), their defaults from here."""
 
-    precision: str = "32-true"
+    precision: str = "auto"
+    """auto (bf16-mixed where the device has native bf16, else 32-true: litattn/precision.py), or a Fabric
+    precision: 32-true, bf16-mixed, bf16-true, 16-mixed, ..."""
     accelerator: str = "auto"
     devices: int | str = 1
     num_nodes: int = 1
@@ -323,4 +327,5 @@ class RuntimeArgs:
     cache_dir: Path = Path("cache")
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         self.cache_dir = Path(self.cache_dir)

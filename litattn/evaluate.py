@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning_fabric import Fabric
 
 from litattn.args import check_range, start_work
 from litattn.checkpoint import load_with_tokenizer, weights_dtype
 from litattn.data import DataModule, StdlibCorpus, TokenWindows
+from litattn.precision import PrecisionChoice, check_precision, inference_fabric
 from litattn.streaming import SinkWindowCache, check_streamable
 from litattn.utils import atomic_write_text, progress_bar
 from litattn.validation import validation_loss
@@ -44,7 +44,7 @@ def perplexity(
     attention: dict | None = None,
     out_file: Path | None = None,
     cache_dir: Path = Path("cache"),
-    precision: str = "32-true",
+    precision: str = "auto",
     context: int | None = None,
 ) -> dict[str, Any]:
     """Loss and perplexity of a checkpoint on a data module's validation split.
@@ -62,7 +62,8 @@ def perplexity(
         out_file: Where to write the results as JSON; default: a new file each run,
             `<checkpoint_dir>/eval/perplexity-<attention>-<UTC time>.json` (a previous result is never overwritten).
         cache_dir: Where tokenized data is cached.
-        precision: Fabric precision: 32-true, bf16-mixed, bf16-true, ... (the run's, to reproduce its val_loss).
+        precision: auto (bf16-true where the device has native bf16, else 32-true: litattn/precision.py), or a
+            Fabric precision: 32-true, bf16-mixed, bf16-true, ... (the run's, to reproduce its val_loss exactly).
         context: Accept lengths up to this many tokens, beyond what the attention handles at block_size (RoPE
             positions extrapolate: the baseline for context extension); default: what the attention handles.
 
@@ -80,12 +81,12 @@ def perplexity(
             raise ValueError("lengths must be a non-empty list of token counts >= 1 (or null for block_size), got []")
         for n in lengths:
             check_range(f"lengths (each of {list(lengths)})", n, ge=1)
+    check_precision(precision)
     start_work()
 
-    fabric = Fabric(accelerator="auto", devices=1, precision=precision)
-    fabric.launch()
+    fabric, choice = inference_fabric(precision)
     model, tokenizer, config = load_with_tokenizer(
-        checkpoint_dir, fabric.device, weights_dtype(precision), attention, context
+        checkpoint_dir, fabric.device, weights_dtype(choice.precision), attention, context
     )
     max_len = model.max_seq_length
     lengths = [int(n) for n in lengths] if lengths else [config.block_size]
@@ -122,7 +123,7 @@ def perplexity(
         rows.append(row)
 
     result = {
-        **_describe_run(checkpoint_dir, config, data, precision),
+        **_describe_run(checkpoint_dir, config, data, choice),
         "micro_batch_size": micro_batch_size,
         "max_batches": max_batches,
         "results": rows,
@@ -135,13 +136,14 @@ def perplexity(
     return result
 
 
-def _describe_run(checkpoint_dir: Path, config, data: DataModule, precision: str) -> dict[str, Any]:
+def _describe_run(checkpoint_dir: Path, config, data: DataModule, precision: PrecisionChoice) -> dict[str, Any]:
     """What every evaluation result records of its inputs."""
     return {
         "checkpoint_dir": str(checkpoint_dir),
         "attention": config.attention,
         "data": data.describe(),
-        "precision": precision,
+        "precision": precision.precision,
+        "precision_reason": precision.reason,
     }
 
 
@@ -224,7 +226,7 @@ def streaming_perplexity(
     attention: dict | None = None,
     out_file: Path | None = None,
     cache_dir: Path = Path("cache"),
-    precision: str = "32-true",
+    precision: str = "auto",
     context: int | None = None,
     first_token: str | None = None,
 ) -> dict[str, Any]:
@@ -256,7 +258,8 @@ def streaming_perplexity(
         attention: Evaluate with another attention spec than the checkpoint's, e.g. `{name: ssa}`.
         out_file: Where to write the results as JSON; default: `<checkpoint_dir>/eval/streaming.json`.
         cache_dir: Where tokenized data is cached.
-        precision: Fabric precision: 32-true, bf16-mixed, bf16-true, ...
+        precision: auto (bf16-true where the device has native bf16, else 32-true), or a Fabric precision:
+            32-true, bf16-mixed, bf16-true, ...
         context: Accept sink_size + stream_window up to this many tokens, beyond what the attention handles at
             block_size (RoPE positions extrapolate).
         first_token: A special token put before the text, e.g. `<|disrupt|>` for a model pretrained with one at
@@ -287,12 +290,12 @@ def streaming_perplexity(
     unknown = [m for m in methods if m not in STREAMING_METHODS]
     if not methods or unknown or len(set(methods)) < len(methods):
         raise ValueError(f"methods must be distinct names of {list(STREAMING_METHODS)}, got {methods}")
+    check_precision(precision)
     start_work()
 
-    fabric = Fabric(accelerator="auto", devices=1, precision=precision)
-    fabric.launch()
+    fabric, choice = inference_fabric(precision)
     model, tokenizer, config = load_with_tokenizer(
-        checkpoint_dir, fabric.device, weights_dtype(precision), attention, context
+        checkpoint_dir, fabric.device, weights_dtype(choice.precision), attention, context
     )
     model.eval()
     if stream_window is None:
@@ -359,7 +362,7 @@ def streaming_perplexity(
         rows.append(row)
 
     result = {
-        **_describe_run(checkpoint_dir, config, data, precision),
+        **_describe_run(checkpoint_dir, config, data, choice),
         "length": length,
         "block_size": config.block_size,
         "stream_window": stream_window,

@@ -24,9 +24,10 @@ from torch import Tensor
 
 from litattn.args import check_range, check_seed, start_work
 from litattn.attention.hybrid import PREFIX_LEN
-from litattn.checkpoint import has_tokenizer, load_with_tokenizer
+from litattn.checkpoint import has_tokenizer, load_with_tokenizer, weights_dtype
 from litattn.data.instructions import Example, format_prompt
 from litattn.data.prompt_truncation import prompt_scores, protected_spans
+from litattn.precision import choose_precision
 from litattn.streaming import DEFAULT_SINK_SIZE, SinkWindowCache, check_streamable, check_streaming_args
 from litattn.tokenizer import Tokenizer
 from litattn.truncation import Importance, Protect, windowed_token_scores
@@ -322,6 +323,7 @@ def main(
     prompt_budget: int | None = None,
     protect_last: int = 8,
     rethink_every: int | None = None,
+    precision: str = "auto",
 ) -> str:
     """Generate text from a checkpoint, printing it as it is produced.
 
@@ -362,6 +364,8 @@ def main(
         rethink_every: Every this many new tokens, read the whole text again as the prefix (hybrid attention:
             the thought loop runs over prompt and output, the cache is rebuilt); default: the checkpoint's
             attention option `rethink_every` (none).
+        precision: The dtype weights and KV cache compute in: auto (bf16-true where the device has native bf16,
+            else 32-true: litattn/precision.py), 32-true, bf16-true, 16-true or 64-true.
 
     Returns:
         The generated text (without the prompt).
@@ -374,12 +378,19 @@ def main(
     check_range("prompt_budget", prompt_budget, ge=1, null="the context minus max_new_tokens")
     check_range("protect_last", protect_last, ge=0)
     check_range("rethink_every", rethink_every, ge=1, null="the attention's option")
+    choice = choose_precision(precision, training=False)
+    if not choice.precision.endswith("-true"):
+        raise ValueError(f"precision {precision!r}: generate computes in the weights' own dtype; pass auto or a "
+                         "-true precision (32-true, bf16-true, 16-true, 64-true)")  # fmt: skip
     start_work()
     # a bad dictionary fails before the model loads
     scores_of = _prompt_scorer(truncate, importance, prompt_budget, checkpoint_dir)
     if instruction is not None:
         prompt = format_prompt(instruction)
-    model, tokenizer, _ = load_with_tokenizer(checkpoint_dir, attention=attention, context=context)
+    model, tokenizer, _ = load_with_tokenizer(
+        checkpoint_dir, dtype=weights_dtype(choice.precision), attention=attention, context=context
+    )
+    print(choice.describe(), file=sys.stderr)
     device = model.lm_head.weight.device
     model.eval()
     if stream_window is not None:

@@ -46,6 +46,7 @@ from litattn.data import DataModule
 from litattn.data.base import EpochAware
 from litattn.hooks import HookContext, TrainingHook
 from litattn.plan import TrainingPlan
+from litattn.precision import choose_precision, fabric_precision
 from litattn.run_summary import write_summary
 from litattn.sampling import sample_prompt, write_sample
 from litattn.tokenizer import Tokenizer
@@ -101,7 +102,7 @@ def launch_fabric(out_dir: Path, log: LogArgs, runtime: RuntimeArgs):
         devices=runtime.devices,
         num_nodes=runtime.num_nodes,
         strategy=runtime.strategy,
-        precision=runtime.precision,
+        precision=choose_precision(runtime.precision, runtime.accelerator).precision,
         loggers=[_make_logger(log, out_dir)],
     )
     fabric.launch()
@@ -192,6 +193,8 @@ class _Batching:
 
 def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir: Path | None) -> int:
     t0 = time.perf_counter()
+    precision = fabric_precision(fabric, run.runtime.precision, run.runtime.accelerator)
+    fabric.print(precision.describe())
     warn_if_slow_bf16(fabric)  # before any work: bf16 on a CPU that emulates it is many times slower than fp32
     config = plan.config
     train, eval, log, seed, out_dir = run.train, run.eval, run.log, run.runtime.seed, run.out_dir
@@ -299,7 +302,7 @@ def _fit(fabric, plan: TrainingPlan, data: DataModule, run: RunSpec, resume_dir:
             if stop.should_stop(fabric):
                 raise Interrupted(stop.received)
             with stop.section():
-                write_summary(fabric, unwrap(model), b.seq_len, state, out_dir)
+                write_summary(fabric, unwrap(model), b.seq_len, state, out_dir, precision)
                 fabric.logger.finalize("success")
                 sample()
         except Interrupted:

@@ -12,8 +12,12 @@ each chunk's logits, its loss and, since the loss is the last node of the graph,
 
 and keeps only dh (N, C), dW and db for the backward pass, which scales them by the incoming gradient. The
 matmuls are the ones autograd runs; only the order of the sums differs (float rounding). Without gradients
-(evaluation) it is the chunked loss alone. Under autocast the model uses the plain path (autocast decides
-each op's dtype; this Function would bypass it).
+(evaluation) it is the chunked loss alone.
+
+Under bf16 autocast (bf16-mixed) the head computes as autocast would, explicitly: `compute_dtype` bf16 for the
+three matmuls (h, W and the chunk's dlogits cast to bf16; each matmul accumulates in fp32 inside), the softmax, the
+loss and the sums over chunks in float32, dW and db returned in the weights' own dtype (the fp32 masters). fp16
+autocast keeps autograd's head: its gradients, made here before the loss is scaled, could underflow.
 """
 
 from __future__ import annotations
@@ -27,9 +31,19 @@ CHUNK_ROWS = 512
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ignore_index: int, chunk_rows: int, wants: tuple[bool, bool, bool]):
-        """wants: which of h, weight, bias need a gradient (a frozen head, as in LoRA, costs no dW)."""
+    def forward(ctx, h, weight, bias, targets, ignore_index, chunk_rows, wants, compute_dtype):
+        """wants: which of h, weight, bias need a gradient (a frozen head, as in LoRA, costs no dW).
+        compute_dtype: the matmuls' dtype (None: the weights' own)."""
+        with torch.autocast(h.device.type, enabled=False):  # the dtypes are chosen here
+            return _LinearCrossEntropy._forward(ctx, h, weight, bias, targets, ignore_index, chunk_rows, wants,
+                                                compute_dtype)  # fmt: skip
+
+    @staticmethod
+    def _forward(ctx, h, weight, bias, targets, ignore_index, chunk_rows, wants, compute_dtype):
         want_grad = any(wants)
+        cast = compute_dtype is not None and compute_dtype != weight.dtype
+        w = weight.to(compute_dtype) if cast else weight
+        b = bias.to(compute_dtype) if cast and bias is not None else bias
         valid = targets != ignore_index
         n = valid.sum().clamp(min=1).to(torch.float32)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -39,7 +53,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             h_c, t_c, v_c = h[rows], targets[rows], valid[rows]
-            logits = F.linear(h_c, weight, bias).float()  # (rows, V)
+            h_c = h_c.to(w.dtype) if cast else h_c
+            logits = F.linear(h_c, w, b).float()  # (rows, V)
             lse = torch.logsumexp(logits, dim=-1)
             safe = t_c.clamp(min=0)  # ignored rows point at class 0; masked below
             picked = logits.gather(1, safe[:, None]).squeeze(1)
@@ -49,9 +64,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             p = logits.sub_(lse[:, None]).exp_()  # the softmax, in the logits' buffer
             p.scatter_add_(1, safe[:, None], torch.full_like(picked[:, None], -1.0))
             p.mul_((v_c.to(p.dtype) / n)[:, None])
+            p_w = p.to(w.dtype)
             if grad_h is not None:
-                grad_h[rows] = p.to(weight.dtype) @ weight
-            if grad_w is not None:
+                grad_h[rows] = p_w @ w
+            if grad_w is not None and cast:
+                grad_w += p_w.t() @ h_c  # a bf16 matmul, as autocast's; summed over chunks in float32
+            elif grad_w is not None:
                 grad_w.addmm_(p.t(), h_c.float())
             if grad_b is not None:
                 grad_b += p.sum(dim=0)
@@ -66,7 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def linear_cross_entropy(
@@ -76,8 +94,19 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     ignore_index: int = -100,
     chunk_rows: int = CHUNK_ROWS,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of `F.linear(h, weight, bias)` against targets, h (N, C), targets (N,) long."""
+    """Mean cross-entropy of `F.linear(h, weight, bias)` against targets, h (N, C), targets (N,) long, its matmuls
+    in `compute_dtype` (None: the weights' dtype; bf16 under bf16 autocast, as `fused_head_dtype` says)."""
     grad = torch.is_grad_enabled()
     wants = tuple(grad and t is not None and t.requires_grad for t in (h, weight, bias))
-    return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, chunk_rows, wants)
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, chunk_rows, wants, compute_dtype)
+
+
+def fused_head_dtype(device_type: str) -> tuple[bool, torch.dtype | None]:
+    """Whether the fused head applies under the current autocast state, and the dtype its matmuls take: outside
+    autocast, yes (the weights' dtype); under bf16 autocast, yes (bf16); under fp16 autocast, no (see above)."""
+    if not torch.is_autocast_enabled(device_type):
+        return True, None
+    dtype = torch.get_autocast_dtype(device_type)
+    return dtype == torch.bfloat16, dtype

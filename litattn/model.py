@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from litattn.attention import AttentionContext
 from litattn.attention.observers import DenseMaps
 from litattn.config import Config
-from litattn.loss_head import linear_cross_entropy
+from litattn.loss_head import fused_head_dtype, linear_cross_entropy
 
 
 class GPT(nn.Module):
@@ -143,9 +143,11 @@ class GPT(nn.Module):
         activation checkpointing, so the (B, T, vocab) logits never exist at once.
         """
         h = self.hidden_states(idx, **metadata)
-        if not chunk_size and type(self.lm_head) is nn.Linear and not torch.is_autocast_enabled(h.device.type):
+        fused, dtype = fused_head_dtype(h.device.type)
+        if not chunk_size and type(self.lm_head) is nn.Linear and fused:
             # the head and the loss in one step: no (B, T, vocab) logits kept (litattn/loss_head.py)
-            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, self.lm_head.bias, targets.flatten())
+            weight, bias = self.lm_head.weight, self.lm_head.bias
+            return linear_cross_entropy(h.flatten(0, 1), weight, bias, targets.flatten(), compute_dtype=dtype)
         if not chunk_size:
             return F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         h, targets = h.flatten(0, 1), targets.flatten()

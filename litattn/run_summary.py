@@ -9,19 +9,23 @@ from pathlib import Path
 import torch
 
 from litattn.cpu import describe_machine, format_flops
+from litattn.precision import PrecisionChoice
 from litattn.train_state import TrainState
 from litattn.training import flops_per_token
 from litattn.utils import WriteError, atomic_write_text, write_failure
 
 
-def write_summary(fabric, model, seq_len: int, state: TrainState, out_dir: Path) -> None:
+def write_summary(
+    fabric, model, seq_len: int, state: TrainState, out_dir: Path, precision: PrecisionChoice | None = None
+) -> None:
     """Print the run's figures and write them to out_dir/summary.json (what `litattn ablate` tabulates). Time,
     tokens/s and peak memory cover every session of a resumed run; a figure an earlier session did not record
-    is null (never 0)."""
+    is null (never 0). `precision`: what the run computed in and why (default: the Fabric's, "given")."""
 
     seconds, memory = state.train_seconds, state.peak_memory_bytes
     tokens_per_sec = state.tokens / seconds if seconds else None
-    dtype = torch.bfloat16 if "bf16" in str(fabric.strategy.precision.precision) else torch.float32
+    precision = precision or PrecisionChoice(str(fabric.strategy.precision.precision), "given")
+    dtype = torch.bfloat16 if "bf16" in precision.precision else torch.float32
     machine = describe_machine(fabric.device)  # the CPU's ISA and both matmul peaks, measured once per process
     peak = machine["matmul_peak_bf16" if dtype == torch.bfloat16 else "matmul_peak_fp32"]
     mfu = flops_per_token(model, seq_len) * tokens_per_sec / fabric.world_size / peak if tokens_per_sec else None
@@ -36,6 +40,7 @@ def write_summary(fabric, model, seq_len: int, state: TrainState, out_dir: Path)
         + (f"{seconds:.1f}s = {tokens_per_sec:,.0f} tokens/s; " if tokens_per_sec else f"a training time {unknown}; ")
         + (f"peak memory {memory / 2**30:.2f} GiB; " if memory is not None else f"peak memory {unknown}; ")
         + (f"MFU {mfu:.1%} of {format_flops(peak)} measured matmul peak ({dtype}); " if mfu is not None else "")
+        + f"precision {precision.precision} ({precision.reason}); "
         + f"CPU {machine['cpu_isa']}{' (native bf16)' if machine['cpu_native_bf16'] else ''}, "
         f"{fabric.device.type} matmul peaks fp32 {format_flops(machine['matmul_peak_fp32'])}, "
         f"bf16 {format_flops(machine['matmul_peak_bf16'])}; "
@@ -50,6 +55,8 @@ def write_summary(fabric, model, seq_len: int, state: TrainState, out_dir: Path)
         "tokens_per_sec": tokens_per_sec,
         "peak_memory_bytes": memory,
         "mfu": mfu,
+        "precision": precision.precision,
+        "precision_reason": precision.reason,
         **machine,
         "val_loss": val_loss,
         "val_loss_is": val_label if val_loss is not None else None,

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 import reference  # noqa: F401 (registers test_window)
 from litattn import checkpoint as ckpt
+from litattn import precision
 from litattn.args import EvalArgs, LogArgs, OptimizerArgs, TrainArgs
+from litattn.cpu import CpuIsa
 from litattn.data import TextFiles
 from litattn.evaluate import perplexity
 from litattn.pretrain.pretrain import setup
@@ -226,3 +228,17 @@ def test_cli_help_is_built_from_the_docstring(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--lengths" in out and "Context lengths" in out and "--attention" in out
+
+
+def test_auto_precision_is_bf16_true_on_a_native_bf16_cpu_and_the_result_says_so(run, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(precision, "detect_isa", lambda: CpuIsa("AVX-512-BF16", native_bf16=True, capability="AVX512"))
+    final, args = run / "out" / "final", {"data": _data(run), "max_batches": 2, "cache_dir": run / "cache"}
+    auto = perplexity(final, out_file=tmp_path / "auto.json", **args)
+    fp32 = perplexity(final, out_file=tmp_path / "fp32.json", precision="32-true", **args)
+    reason = "auto: AVX-512-BF16 CPU, native bf16"
+    assert (auto["precision"], auto["precision_reason"]) == ("bf16-true", reason)
+    assert (fp32["precision"], fp32["precision_reason"]) == ("32-true", "given")
+    assert f"Precision bf16-true ({reason})" in capsys.readouterr().err
+    (bf16_row,), (fp32_row,) = auto["results"], fp32["results"]
+    assert bf16_row["loss"] != fp32_row["loss"]  # computed in bf16 ...
+    assert bf16_row["loss"] == pytest.approx(fp32_row["loss"], abs=0.05)  # ... to bf16's accuracy

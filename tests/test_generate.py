@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from litattn import GPT, Config
+import litattn.generate as generate_module
+from litattn import GPT, Config, precision
 from litattn import checkpoint as ckpt
+from litattn.cpu import CpuIsa
 from litattn.generate import IncrementalDecoder, generate, main, sample
 
 
@@ -185,3 +187,21 @@ def test_main_without_tokenizer_is_a_clear_error(tmp_path):
     ckpt.save_checkpoint(tmp_path / "ckpt", model.state_dict(), model.config)
     with pytest.raises(FileNotFoundError, match="has no tokenizer"):
         main(tmp_path / "ckpt")
+
+
+def test_main_generates_in_bf16_where_auto_picks_it_refuses_mixed(tmp_path, tokenizer, capsys, monkeypatch):
+    model = GPT(Config.from_name("tiny-llama", vocab_size=300)).eval()
+    ckpt.save_checkpoint(tmp_path / "ckpt", model.state_dict(), model.config, tokenizer)
+    loaded = []
+    real_load = generate_module.load_with_tokenizer
+    monkeypatch.setattr(  # the dtype the model is loaded in
+        generate_module, "load_with_tokenizer", lambda *a, **k: loaded.append(k["dtype"]) or real_load(*a, **k)
+    )
+    monkeypatch.setattr(precision, "detect_isa", lambda: CpuIsa("AMX", native_bf16=True, capability="AVX512"))
+    main(tmp_path / "ckpt", prompt="def ", max_new_tokens=4, temperature=0.0)
+    assert "Precision bf16-true (auto: AMX CPU, native bf16)" in capsys.readouterr().err
+    main(tmp_path / "ckpt", prompt="def ", max_new_tokens=4, temperature=0.0, precision="32-true")
+    assert loaded == [torch.bfloat16, torch.float32]
+    with pytest.raises(ValueError, match="^precision 'bf16-mixed': generate computes in the weights' own dtype"):
+        main(tmp_path / "ckpt", precision="bf16-mixed")
+    assert len(loaded) == 2  # refused before the model loads

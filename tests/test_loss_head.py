@@ -103,3 +103,53 @@ def test_a_frozen_head_gets_no_gradient_and_h_still_the_right_one():
     _, ref_h, _, _ = reference(h, w, None, t)
     torch.testing.assert_close(h.grad.double(), ref_h, atol=1e-6, rtol=0)
     assert w.grad is None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_under_bf16_autocast_it_computes_as_autocast_does_with_float32_gradients(bias):
+    """bf16-mixed: bf16 matmuls, float32 softmax and sums; the gradients land in the fp32 masters' dtype."""
+    g = torch.Generator().manual_seed(4)
+    N, C, V = 300, 32, 97
+    h = torch.randn(N, C, generator=g, requires_grad=True)
+    w = (torch.randn(V, C, generator=g) * 0.3).requires_grad_()
+    b = torch.randn(V, generator=g, requires_grad=True) if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    t[:7] = -100
+    params = [p for p in (h, w, b) if p is not None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(h, w, b, t, chunk_rows=64, compute_dtype=torch.bfloat16)
+    fused.backward()
+    fused_grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = F.cross_entropy(F.linear(h, w, b).float(), t, ignore_index=-100)
+    plain.backward()
+    assert fused.dtype == torch.float32 and all(grad.dtype == torch.float32 for grad in fused_grads)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)  # the same bf16 logits, summed in float32
+    ref = reference(h, w, b, t)
+    for fused_grad, p, ref_grad in zip(fused_grads, params, ref[1:], strict=False):
+        torch.testing.assert_close(fused_grad, p.grad, atol=2e-4, rtol=2e-2)  # autocast's own bf16 rounding
+        error, plain_error = (fused_grad.double() - ref_grad).norm(), (p.grad.double() - ref_grad).norm()
+        assert error <= 1.5 * plain_error  # no further from float64 than autocast's
+
+
+def test_gpt_loss_takes_the_fused_head_under_bf16_autocast_not_under_fp16(monkeypatch):
+    import litattn.model
+
+    calls = []
+    real = litattn.model.linear_cross_entropy
+    monkeypatch.setattr(litattn.model, "linear_cross_entropy", lambda *a, **k: calls.append(k) or real(*a, **k))
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("tiny-llama"))
+    idx = torch.randint(0, 200, (2, 17))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model.loss(idx[:, :-1], idx[:, 1:])
+        plain = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1).float(), idx[:, 1:].flatten())
+    assert calls == [{"compute_dtype": torch.bfloat16}]
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        model.loss(idx[:, :-1], idx[:, 1:])
+    assert len(calls) == 1  # fp16: autograd's head (its gradients come after the loss scaling)
+    model.loss(idx[:, :-1], idx[:, 1:])
+    assert calls[-1] == {"compute_dtype": None}

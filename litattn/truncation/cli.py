@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning_fabric import Fabric
 
 from litattn.args import check_choice, check_range, start_work
 from litattn.checkpoint import load_config, load_with_tokenizer, weights_dtype
 from litattn.data import DataModule, StdlibCorpus
 from litattn.data.instructions import format_prompt, parse_example, read_records
+from litattn.precision import check_precision, inference_fabric
 from litattn.tokenizer import Tokenizer
 from litattn.truncation.cut import truncate
 from litattn.truncation.importance import Batches, Importance, batch_lengths, build_frequency, build_importance
@@ -39,7 +39,7 @@ def build(
     default: float | None = None,
     attention: dict | None = None,
     cache_dir: Path = Path("cache"),
-    precision: str = "32-true",
+    precision: str = "auto",
 ) -> Importance:
     """Build a token importance dictionary from a checkpoint's attention (or the idf control) over a corpus.
 
@@ -65,7 +65,8 @@ def build(
         default: The score of token ids never seen; default: the mean score of those seen.
         attention: Score with another attention spec than the checkpoint's, e.g. `{name: causal}`.
         cache_dir: Where tokenized data is cached.
-        precision: Fabric precision: 32-true, bf16-mixed, bf16-true, ...
+        precision: auto (bf16-true where the device has native bf16, else 32-true: litattn/precision.py), or a
+            Fabric precision: 32-true, bf16-mixed, bf16-true, ...
 
     Returns:
         The dictionary written to `out`.
@@ -79,6 +80,7 @@ def build(
     check_range("micro_batch_size", micro_batch_size, ge=1)
     check_range("max_batches", max_batches, ge=1, null="the whole split")
     check_range("checkpoint_every", checkpoint_every, ge=1)
+    check_precision(precision)
     start_work()
     data = StdlibCorpus() if data is None else data
     # what a resumed build must match (repr, not describe(): that says whether the token cache was reused)
@@ -98,14 +100,17 @@ def build(
         print(f"Saved {out}: idf of {len(imp):,} token ids over {imp.documents:,} documents")
         return imp
 
-    fabric = Fabric(accelerator="auto", devices=1, precision=precision)
-    fabric.launch()
-    model, tokenizer, config = load_with_tokenizer(checkpoint_dir, fabric.device, weights_dtype(precision), attention)
+    fabric, choice = inference_fabric(precision)
+    model, tokenizer, config = load_with_tokenizer(
+        checkpoint_dir, fabric.device, weights_dtype(choice.precision), attention
+    )
     model.eval()
     seq_len = seq_len or config.block_size
     data.setup(tokenizer, config.vocab_size, seq_len, Path(cache_dir))
     dataset = data.train_dataset() if split == "train" else data.val_dataset()
-    info.update(seq_len=seq_len, tokenizer=tokenizer.fingerprint(), attention=config.attention, precision=precision)
+    info.update(
+        seq_len=seq_len, tokenizer=tokenizer.fingerprint(), attention=config.attention, precision=choice.precision
+    )
     info.update(micro_batch_size=micro_batch_size)
     with fabric.autocast():
         imp = build_importance(
