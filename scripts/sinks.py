@@ -75,6 +75,7 @@ def measure(checkpoint: Path, args: argparse.Namespace) -> dict:
             data=data.innermost(),
             cache_dir=args.cache_dir,
             first_token="<|disrupt|>" if sink_token else None,
+            precision=args.precision,
         )
         streaming[length] = {r["method"]: r["loss"] for r in result["results"]}
     return {"bucket": stats["buckets"][late], "uniform": uniform, "sink_1": sink, "streaming": streaming}
@@ -135,6 +136,12 @@ def main() -> None:
     parser.add_argument("--stream_chunk", type=int, default=16, help="tokens per streaming forward (1: exact)")
     parser.add_argument("--stride", type=int, default=16, help="predictions per recompute forward (1: exact)")
     parser.add_argument("--cache_dir", type=Path, default=Path("cache"))
+    parser.add_argument(
+        "--precision",
+        default="32-true",
+        help="of the streaming rows (32-true: as the tables in docs; auto: bf16 "
+        "where native, whose rounding is larger than the differences those tables measure)",
+    )
     args = parser.parse_args()
     variants = args.variants or sorted(p.name for p in args.ablation.iterdir() if any(p.glob("seed-*/final")))
     if not variants:
