@@ -128,6 +128,7 @@ def perplexity(
         "max_batches": max_batches,
         "results": rows,
     }
+    print(choice.describe())
     print(format_table(rows))
     require_some_run(rows)
     out_file = new_result_file(checkpoint_dir / "eval", config.attention) if out_file is None else Path(out_file)
@@ -373,6 +374,7 @@ def streaming_perplexity(
         "memory": _PeakMemory.describe(fabric.device),
         "results": rows,
     }
+    print(choice.describe())
     print(format_streaming_table(rows))
     out_file = checkpoint_dir / "eval" / "streaming.json" if out_file is None else Path(out_file)
     atomic_write_text(out_file, json.dumps(result, indent=2) + "\n")

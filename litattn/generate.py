@@ -390,7 +390,6 @@ def main(
     model, tokenizer, _ = load_with_tokenizer(
         checkpoint_dir, dtype=weights_dtype(choice.precision), attention=attention, context=context
     )
-    print(choice.describe(), file=sys.stderr)
     device = model.lm_head.weight.device
     model.eval()
     if stream_window is not None:
@@ -447,5 +446,6 @@ def main(
     sys.stdout.write(pieces[-1] + "\n")
     sys.stdout.flush()
     n = len(out) - len(ids)
-    print(f"Generated {n} tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tokens/s", file=sys.stderr)
+    said = f"Generated {n} tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tokens/s"
+    print(f"{said}; precision {choice.precision} ({choice.reason})", file=sys.stderr)
     return "".join(pieces)

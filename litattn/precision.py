@@ -14,7 +14,6 @@ reason are printed first and written into summary.json, so a table never mixes r
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -84,9 +83,8 @@ def fabric_precision(fabric, requested: str, accelerator: str = "auto") -> Preci
 
 def inference_fabric(precision: str):
     """A launched one-device Fabric for an inference command at `precision` (auto: bf16-true where the device
-    has native bf16), and the choice, said on stderr (stdout holds the command's output)."""
+    has native bf16), and the choice (the command prints it with its results, so an early error stays one line)."""
     choice = choose_precision(precision, training=False)
     fabric = Fabric(accelerator="auto", devices=1, precision=choice.precision)
     fabric.launch()
-    print(choice.describe(), file=sys.stderr)
     return fabric, choice

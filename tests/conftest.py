@@ -1,16 +1,19 @@
 import os
-
-import pytest
-import torch
-
-from litattn import precision
-from litattn.cpu import CpuIsa
+import tempfile
 
 # `precision: auto` picks bf16 on a CPU with native bf16 and fp32 elsewhere. The suite runs in fp32 on every CPU
-# kind alike (its references and tolerances are fp32's): the commands it starts see PyTorch's AVX2 kernels (so
-# auto finds no native bf16; set after torch is imported, so this process keeps its own kernels), and this
-# process's auto sees an AVX2 CPU. Tests of auto itself patch the ISA back.
+# kind alike (its references and tolerances are fp32's): it and the commands it starts run PyTorch's AVX2 kernels
+# (set before torch is imported: torch.compile's generated code must agree with them), so auto finds no native
+# bf16 anywhere; the fixture below makes sure of it in this process. Tests of auto itself patch the ISA back.
+# torch.compile's kernel cache does not tell AVX2 builds from others: the suite keeps its own.
 os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"inductor-litattn-tests-{os.getuid()}")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from litattn import precision  # noqa: E402
+from litattn.cpu import CpuIsa  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

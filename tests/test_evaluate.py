@@ -238,7 +238,7 @@ def test_auto_precision_is_bf16_true_on_a_native_bf16_cpu_and_the_result_says_so
     reason = "auto: AVX-512-BF16 CPU, native bf16"
     assert (auto["precision"], auto["precision_reason"]) == ("bf16-true", reason)
     assert (fp32["precision"], fp32["precision_reason"]) == ("32-true", "given")
-    assert f"Precision bf16-true ({reason})" in capsys.readouterr().err
+    assert f"Precision bf16-true ({reason})" in capsys.readouterr().out.splitlines()
     (bf16_row,), (fp32_row,) = auto["results"], fp32["results"]
     assert bf16_row["loss"] != fp32_row["loss"]  # computed in bf16 ...
     assert bf16_row["loss"] == pytest.approx(fp32_row["loss"], abs=0.05)  # ... to bf16's accuracy

@@ -199,7 +199,7 @@ def test_main_generates_in_bf16_where_auto_picks_it_refuses_mixed(tmp_path, toke
     )
     monkeypatch.setattr(precision, "detect_isa", lambda: CpuIsa("AMX", native_bf16=True, capability="AVX512"))
     main(tmp_path / "ckpt", prompt="def ", max_new_tokens=4, temperature=0.0)
-    assert "Precision bf16-true (auto: AMX CPU, native bf16)" in capsys.readouterr().err
+    assert "; precision bf16-true (auto: AMX CPU, native bf16)\n" in capsys.readouterr().err
     main(tmp_path / "ckpt", prompt="def ", max_new_tokens=4, temperature=0.0, precision="32-true")
     assert loaded == [torch.bfloat16, torch.float32]
     with pytest.raises(ValueError, match="^precision 'bf16-mixed': generate computes in the weights' own dtype"):

@@ -127,7 +127,8 @@ def build(
             info=info,
         )
     print(
-        f"Saved {out}: {len(imp):,} token ids from {int(imp.counts.sum()):,} tokens in {imp.info['batches']:,} batches"
+        f"Saved {out}: {len(imp):,} token ids from {int(imp.counts.sum()):,} tokens in {imp.info['batches']:,} batches "
+        f"(precision {choice.precision}, {choice.reason})"
     )
     return imp
 
