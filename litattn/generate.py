@@ -118,10 +118,10 @@ def generate(
     if T == 0:
         raise ValueError("The prompt is empty: generation needs at least one token to condition on")
     streaming = stream_window is not None
-    if not streaming and T + max_new_tokens > context:
+    if not streaming and T + max_new_tokens - 1 > context:  # the last new token is sampled, never read
         raise ValueError(
-            f"prompt has {T} tokens + {max_new_tokens} new exceeds the model's context of {context}; "
-            f"lower max_new_tokens or {TOO_LONG_WAYS}"
+            f"prompt has {T} tokens + {max_new_tokens} new exceeds the model's context of {context} (the model reads "
+            f"all but the last); lower max_new_tokens or {TOO_LONG_WAYS}"
         )
     device = model.lm_head.weight.device
     prompt = prompt.to(device=device, dtype=torch.long)
@@ -149,7 +149,7 @@ def generate(
 
         close = cache.close
     else:
-        model.set_kv_cache(1, max_seq_length=T + max_new_tokens)
+        model.set_kv_cache(1, max_seq_length=T + max_new_tokens - 1)  # every token read: all but the last
 
         def prefill(ids: Tensor) -> Tensor:
             return model(ids.view(1, -1), input_pos=torch.arange(T, device=device), **metadata)[0, -1]
@@ -257,8 +257,9 @@ def check_prefix_streamable(model) -> None:
 
 
 def _fit_context(max_new_tokens: int, prompt_tokens: int, context: int) -> int:
-    """max_new_tokens, lowered (with a note on stderr) to the room the prompt leaves in the model's context."""
-    room = context - prompt_tokens
+    """max_new_tokens, lowered (with a note on stderr) to the room the prompt leaves in the model's context (the
+    last new token is sampled, never read: a prompt of `context` tokens still gets one)."""
+    room = context - prompt_tokens + 1
     if room < 1:
         raise ValueError(
             f"The prompt has {prompt_tokens} tokens, which leave no room in the model's context of {context} "

@@ -83,10 +83,12 @@ def test_too_long_prompt_is_a_clear_error():
     with pytest.raises(ValueError) as e:
         generate(model, _prompt(100), 30)
     assert str(e.value).startswith(
-        "prompt has 100 tokens + 30 new exceeds the model's context of 128; lower max_new_tokens or shorten the prompt"
+        "prompt has 100 tokens + 30 new exceeds the model's context of 128 (the model reads all but the last); "
+        "lower max_new_tokens or shorten the prompt"
     )
     assert all(option in str(e.value) for option in ("--truncate", "--context", "--stream_window"))
-    assert len(generate(model, _prompt(100), 28, temperature=0.0)) == 128  # exactly the context fits
+    out = generate(model, _prompt(100), 29, temperature=0.0)  # the model reads exactly its context
+    assert len(out) == 129 and torch.equal(out, naive_greedy(model, out[:100], 29))
 
 
 def test_padded_vocabulary_rows_are_never_sampled():

@@ -259,7 +259,7 @@ def test_generate_lowers_max_new_tokens_to_the_room_left_in_the_context(tiny_che
     main(["generate", "--checkpoint_dir", str(tiny_checkpoint), "--prompt", "def ", "--temperature", "0"])  # 200
     out, err = capsys.readouterr()
     n_prompt = len(Tokenizer(tiny_checkpoint).encode("def "))
-    assert f"max_new_tokens lowered from 200 to {64 - n_prompt}" in err and "context of 64" in err
+    assert f"max_new_tokens lowered from 200 to {64 - n_prompt + 1}" in err and "context of 64" in err
     assert out.startswith("def ") and "Generated " in err
 
 
