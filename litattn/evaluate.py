@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from litattn.args import check_range, start_work
 from litattn.checkpoint import load_with_tokenizer, weights_dtype
 from litattn.data import DataModule, StdlibCorpus, TokenWindows
-from litattn.precision import PrecisionChoice, check_precision, inference_fabric
+from litattn.inference import inference_fabric
+from litattn.precision import PrecisionChoice, check_precision
 from litattn.streaming import SinkWindowCache, check_streamable
 from litattn.utils import atomic_write_text, progress_bar
 from litattn.validation import validation_loss

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from lightning_fabric import Fabric
 
 from litattn.cpu import detect_isa
 
@@ -79,12 +78,3 @@ def fabric_precision(fabric, requested: str, accelerator: str = "auto") -> Preci
     actual = str(fabric.strategy.precision.precision)
     choice = choose_precision(requested, accelerator)
     return choice if choice.precision == actual else PrecisionChoice(actual, "given")
-
-
-def inference_fabric(precision: str):
-    """A launched one-device Fabric for an inference command at `precision` (auto: bf16-true where the device
-    has native bf16), and the choice (the command prints it with its results, so an early error stays one line)."""
-    choice = choose_precision(precision, training=False)
-    fabric = Fabric(accelerator="auto", devices=1, precision=choice.precision)
-    fabric.launch()
-    return fabric, choice

@@ -14,7 +14,8 @@ from litattn.args import check_choice, check_range, start_work
 from litattn.checkpoint import load_config, load_with_tokenizer, weights_dtype
 from litattn.data import DataModule, StdlibCorpus
 from litattn.data.instructions import format_prompt, parse_example, read_records
-from litattn.precision import check_precision, inference_fabric
+from litattn.inference import inference_fabric
+from litattn.precision import check_precision
 from litattn.tokenizer import Tokenizer
 from litattn.truncation.cut import truncate
 from litattn.truncation.importance import Batches, Importance, batch_lengths, build_frequency, build_importance
