@@ -34,11 +34,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, bias, targets, ignore_index, chunk_rows, wants, compute_dtype):
         """wants: which of h, weight, bias need a gradient (a frozen head, as in LoRA, costs no dW).
         compute_dtype: the matmuls' dtype (None: the weights' own)."""
-        args = (ctx, h, weight, bias, targets, ignore_index, chunk_rows, wants, compute_dtype)
-        if not torch.is_autocast_enabled(h.device.type):  # nothing to turn off (the compiled graph stays plain)
-            return _LinearCrossEntropy._forward(*args)
         with torch.autocast(h.device.type, enabled=False):  # the dtypes are chosen here
-            return _LinearCrossEntropy._forward(*args)
+            return _LinearCrossEntropy._forward(ctx, h, weight, bias, targets, ignore_index, chunk_rows, wants,
+                                                compute_dtype)  # fmt: skip
 
     @staticmethod
     def _forward(ctx, h, weight, bias, targets, ignore_index, chunk_rows, wants, compute_dtype):

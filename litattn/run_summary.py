@@ -15,16 +15,13 @@ from litattn.training import flops_per_token
 from litattn.utils import WriteError, atomic_write_text, write_failure
 
 
-def write_summary(
-    fabric, model, seq_len: int, state: TrainState, out_dir: Path, precision: PrecisionChoice | None = None
-) -> None:
+def write_summary(fabric, model, seq_len: int, state: TrainState, out_dir: Path, precision: PrecisionChoice) -> None:
     """Print the run's figures and write them to out_dir/summary.json (what `litattn ablate` tabulates). Time,
     tokens/s and peak memory cover every session of a resumed run; a figure an earlier session did not record
-    is null (never 0). `precision`: what the run computed in and why (default: the Fabric's, "given")."""
+    is null (never 0). `precision`: what the run computed in and why."""
 
     seconds, memory = state.train_seconds, state.peak_memory_bytes
     tokens_per_sec = state.tokens / seconds if seconds else None
-    precision = precision or PrecisionChoice(str(fabric.strategy.precision.precision), "given")
     dtype = torch.bfloat16 if "bf16" in precision.precision else torch.float32
     machine = describe_machine(fabric.device)  # the CPU's ISA and both matmul peaks, measured once per process
     peak = machine["matmul_peak_bf16" if dtype == torch.bfloat16 else "matmul_peak_fp32"]

@@ -1,19 +1,15 @@
 """litattn/cpu.py: the CPU's ISA, the bf16 warning on CPUs that emulate bf16, and the summary's machine figures."""
 
 import json
-import shutil
-import sysconfig
 import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from conftest import tiny_pretrain
 from litattn import cpu
-from litattn.args import EvalArgs, LogArgs, TrainArgs
 from litattn.cli import one_line_warning
-from litattn.data import TextFiles
-from litattn.pretrain.pretrain import setup
 
 AVX2 = {"fma", "avx", "avx2"}
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}
@@ -94,25 +90,9 @@ def test_matmul_peak_is_measured_once_per_process_and_leaves_the_random_state_al
 
 def test_pretrain_warns_before_training_and_its_summary_names_the_isa(monkeypatch, tmp_path, capsys):
     """A tiny bf16-true pretrain on a pretend AVX2 CPU: the warning, then summary.json with the ISA and both peaks."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    stdlib = sysconfig.get_paths()["stdlib"]
-    for name in ("textwrap.py", "shlex.py", "string.py"):
-        shutil.copy(f"{stdlib}/{name}", corpus / name)
     as_cpu(monkeypatch, AVX2, "AVX2")
     with pytest.warns(UserWarning, match=r"bf16-true on a CPU without native bf16 \(AVX2\).*137x slower"):
-        setup(
-            model_name="tiny-llama",
-            model={"block_size": 32, "vocab_size": 512, "n_layer": 1},
-            out_dir=tmp_path / "out",
-            data=TextFiles(train_dirs=[corpus], extensions=[".py"]),
-            train=TrainArgs(global_batch_size=2, micro_batch_size=2, max_seq_length=32, max_steps=2),
-            eval=EvalArgs(interval=0, final_validation=False),
-            log=LogArgs(sample_prompt=None, progress_bar=False),
-            precision="bf16-true",
-            accelerator="cpu",
-            cache_dir=tmp_path / "cache",
-        )
+        tiny_pretrain(tmp_path, precision="bf16-true", accelerator="cpu")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["cpu_isa"] == "AVX2" and summary["cpu_native_bf16"] is False
     assert (summary["matmul_peak_fp32"], summary["matmul_peak_bf16"]) == (178e9, 1.3e9)

@@ -1,20 +1,16 @@
 """litattn/precision.py: `precision: auto` picks bf16 where the device has native bf16, fp32 elsewhere, and says so."""
 
 import json
-import shutil
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from conftest import tiny_pretrain
 from litattn import precision
-from litattn.args import EvalArgs, LogArgs, RuntimeArgs, TrainArgs
+from litattn.args import RuntimeArgs
 from litattn.cli import check_command
 from litattn.cpu import CpuIsa
-from litattn.data import TextFiles
-from litattn.pretrain.pretrain import setup
 
 NATIVE = CpuIsa("AVX-512-BF16", native_bf16=True, capability="AVX512")
 EMULATED = CpuIsa("AVX2", native_bf16=False, capability="AVX2")
@@ -70,17 +66,8 @@ def test_quickstart_leaves_the_precision_to_auto():
     assert printed["precision"] == "auto"
 
 
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for name in ("textwrap.py", "shlex.py", "string.py"):
-        shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / name, folder / name)
-    return folder
-
-
 @pytest.mark.parametrize("isa, chosen", [(NATIVE, "bf16-mixed"), (EMULATED, "32-true")])
-def test_pretrain_by_default_trains_at_autos_choice_and_says_so(monkeypatch, tmp_path, capsys, corpus, isa, chosen):
+def test_pretrain_by_default_trains_at_autos_choice_and_says_so(monkeypatch, tmp_path, capsys, isa, chosen):
     """The acceptance: a default pretrain runs bf16-mixed on a native-bf16 CPU, fp32 elsewhere; the first lines and
     summary.json say which and why."""
     as_cpu(monkeypatch, isa)
@@ -88,16 +75,7 @@ def test_pretrain_by_default_trains_at_autos_choice_and_says_so(monkeypatch, tmp
     monkeypatch.setattr(  # the precision the Fabric really computes in, as the loop starts
         "litattn.loop.warn_if_slow_bf16", lambda fabric: precisions.append(fabric.strategy.precision.precision)
     )
-    setup(
-        model_name="tiny-llama",
-        model={"block_size": 32, "vocab_size": 512, "n_layer": 1},
-        out_dir=tmp_path / "out",
-        data=TextFiles(train_dirs=[corpus], extensions=[".py"]),
-        train=TrainArgs(global_batch_size=2, micro_batch_size=2, max_seq_length=32, max_steps=2),
-        eval=EvalArgs(interval=0, final_validation=False),
-        log=LogArgs(sample_prompt=None, progress_bar=False),
-        cache_dir=tmp_path / "cache",
-    )
+    tiny_pretrain(tmp_path)  # no precision given: auto
     reason = precision.choose_precision("auto").reason
     assert precisions == [chosen]
     out = capsys.readouterr().out
